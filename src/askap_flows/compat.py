@@ -1,0 +1,73 @@
+"""Every difference between Prefect 2 (2.20.x) and Prefect 3 (3.x), and nothing else.
+
+No other module checks Prefect's version. What is the same in both (flow/task decorators,
+``flow.with_options(task_runner=...)``, ``task.submit()`` returning a future with a blocking
+``.result()`` in a sync flow, ``prefect server start``, ``/api/health``) is used directly.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+PREFECT_VERSION = version("prefect")
+PREFECT_MAJOR = int(PREFECT_VERSION.split(".")[0])
+
+#: Prefect's database URL, under the names the installed major reads (2.20: API_, 3.x: SERVER_,
+#: which also accepts the 2.20 name). PREFECT_ORION_* is read by neither.
+DATABASE_URL_VARS = (
+    ("PREFECT_API_DATABASE_CONNECTION_URL",)
+    if PREFECT_MAJOR < 3
+    else ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+)
+POOL_SIZE_VAR = (
+    "PREFECT_SQLALCHEMY_POOL_SIZE" if PREFECT_MAJOR < 3
+    else "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"
+)
+MAX_OVERFLOW_VAR = (
+    "PREFECT_SQLALCHEMY_MAX_OVERFLOW" if PREFECT_MAJOR < 3
+    else "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW"
+)
+POOL_TIMEOUT_VAR = None if PREFECT_MAJOR < 3 else "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_TIMEOUT"
+LEGACY_PREFIX = "PREFECT_ORION_"
+
+#: settings every server and client of askap_flows gets (offline sites: no telemetry errors)
+QUIET_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def server_settings(database_url: str) -> dict[str, str]:
+    """Environment for ``prefect server start`` against ``database_url``."""
+    env = {name: database_url for name in DATABASE_URL_VARS}
+    env.update(QUIET_SETTINGS)
+    return env
+
+
+def current_dask_client():
+    """The Dask client of the task runner of the flow run this is called from.
+
+    Prefect 3 creates the cluster lazily here (first access of ``client``); Prefect 2 started it
+    when the flow run began.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.task_runner is None:
+        return None
+    runner = ctx.task_runner
+    if PREFECT_MAJOR >= 3:
+        return runner.client
+    return getattr(runner, "_client", None)
+
+
+def current_flow_run_id() -> str | None:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+
+
+def future_done(future, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for a task future; True once it has finished (either way)."""
+    if PREFECT_MAJOR >= 3:
+        future.wait(timeout=timeout)
+        return future.wrapped_future.done()
+    return future.wait(timeout=timeout) is not None

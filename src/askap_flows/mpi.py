@@ -1,0 +1,184 @@
+"""MPI vocabulary: the launch command line (pure), the hello program, and reading its ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import shell
+from .spec import MPISpec
+
+HELLO_NAME = "mpi_hello_world"
+HOME_ENV = "ASKAP_FLOWS_HOME"
+_RANK_LINE = re.compile(r"^ASKAP_MPI_HELLO (?P<fields>.*)$")
+
+MPI_INSTALL_HINT = (
+    "Install an MPI with a compiler wrapper: as root `apt-get install mpich libmpich-dev` (Debian), "
+    "or without root `pip install mpich` in this Python environment (the wheel ships mpicc and "
+    "mpiexec). Or point $MPICC at an existing mpicc."
+)
+
+
+class MPIError(RuntimeError):
+    """The MPI step ran but its ranks do not form the world that was asked for."""
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    rank: int
+    size: int
+    processor: str
+    host: str
+    allreduce: int
+    expected: int
+
+    @property
+    def allreduce_ok(self) -> bool:
+        return self.allreduce == self.expected
+
+
+def askap_home() -> Path:
+    """Where askap_flows keeps its working files: $ASKAP_FLOWS_HOME or ./.askap_flows."""
+    return Path(os.environ.get(HOME_ENV) or Path.cwd() / ".askap_flows").absolute()
+
+
+def default_program() -> Path:
+    return askap_home() / "bin" / HELLO_NAME
+
+
+# --------------------------------------------------------------------------- launch command
+def launch_command(spec: MPISpec, program: str | None = None) -> list[str]:
+    """The argument list that starts ``spec`` (pure: no I/O).
+
+    srun:    srun --mpi=P -N nodes -n ntasks [--ntasks-per-node k] [-c cpus] [extra] [wrapper] prog args
+    mpiexec: mpiexec -n ntasks [extra] [wrapper] prog args
+    """
+    prog = program or spec.program or str(default_program())
+    if spec.launcher == "srun":
+        argv = ["srun", f"--mpi={spec.mpi_plugin}", "--nodes", str(spec.nodes),
+                "--ntasks", str(spec.ntasks)]
+        if spec.ntasks_per_node is not None:
+            argv += ["--ntasks-per-node", str(spec.ntasks_per_node)]
+        # SLURM >= 22.05: srun no longer inherits --cpus-per-task from the job; always pass it.
+        argv += ["--cpus-per-task", str(spec.cpus_per_task or 1)]
+        argv += ["--kill-on-bad-exit=1"]
+    else:
+        argv = ["mpiexec", "-n", str(spec.ntasks)]
+    return argv + list(spec.launcher_args) + list(spec.wrapper) + [prog] + list(spec.args)
+
+
+# --------------------------------------------------------------------------- ranks
+def parse_ranks(text: str) -> list[RankRecord]:
+    """Rank records from the hello program's output, sorted by rank; other lines are ignored."""
+    records = []
+    for line in text.splitlines():
+        m = _RANK_LINE.match(line.strip())
+        if not m:
+            continue
+        kv = dict(item.split("=", 1) for item in m.group("fields").split() if "=" in item)
+        try:
+            records.append(RankRecord(
+                rank=int(kv["rank"]), size=int(kv["size"]), processor=kv["processor"],
+                host=kv.get("host", kv["processor"]), allreduce=int(kv["allreduce"]),
+                expected=int(kv["expected"]),
+            ))
+        except (KeyError, ValueError):
+            continue
+    return sorted(records, key=lambda r: r.rank)
+
+
+def check_world(ranks: Sequence[RankRecord], spec: MPISpec) -> None:
+    """Raise MPIError unless the ranks formed one world of ``spec.ntasks`` that communicated."""
+    n = spec.ntasks
+    if n > 1 and ranks and all(r.size == 1 for r in ranks):
+        hint = ("MPICH needs --mpi=pmi2, Open MPI needs --mpi=pmix"
+                if spec.launcher == "srun" else "the mpiexec does not belong to the MPI the "
+                "program was compiled with")
+        raise MPIError(
+            f"every rank reports size 1 although {n} ranks were started: they are {len(ranks)} "
+            f"separate singleton worlds, not one MPI job. The launcher and the MPI library do not "
+            f"match (mpi_plugin={spec.mpi_plugin!r}): {hint}. Check `srun --mpi=list` and the "
+            "profile's mpi_plugin."
+        )
+    if len(ranks) != n:
+        raise MPIError(f"expected {n} rank records, got {len(ranks)}.")
+    bad = [r.rank for r in ranks if r.size != n or not r.allreduce_ok]
+    if bad or sorted(r.rank for r in ranks) != list(range(n)):
+        raise MPIError(f"ranks {bad} report a wrong world size or allreduce (expected size {n}).")
+
+
+# --------------------------------------------------------------------------- building
+def find_mpicc() -> str | None:
+    """$MPICC, else mpicc on PATH, else mpicc next to this Python (a venv with the mpich wheel)."""
+    if os.environ.get("MPICC"):
+        return shutil.which(os.environ["MPICC"]) or None
+    return shutil.which("mpicc") or shutil.which("mpicc", path=str(Path(sys.executable).parent))
+
+
+def find_mpiexec() -> str | None:
+    """The mpiexec that belongs to the mpicc in use (same directory), else the one on PATH."""
+    cc = find_mpicc()
+    if cc:
+        sibling = Path(cc).parent / "mpiexec"
+        if sibling.exists():
+            return str(sibling)
+    return shutil.which("mpiexec") or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+
+
+def hello_source() -> Path:
+    """The C source: shipped in the package, or csrc/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc" / f"{HELLO_NAME}.c",
+                      here.parents[1] / "csrc" / f"{HELLO_NAME}.c"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{HELLO_NAME}.c is not shipped with this installation of askap_flows")
+
+
+def build_hello(output: Path | None = None, force: bool = False) -> Path:
+    """Compile the hello program with mpicc (if missing or older than its source); return its path."""
+    output = Path(output or default_program())
+    src = hello_source()
+    if not force and output.exists() and output.stat().st_mtime >= src.stat().st_mtime:
+        return output
+    cc = find_mpicc()
+    if cc is None:
+        raise MPIError(f"no MPI compiler (mpicc) found to build {output.name}. {MPI_INSTALL_HINT}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}")
+    shell.run([cc, "-O2", "-o", str(tmp), str(src)], timeout=120)
+    os.replace(tmp, output)
+    return output
+
+
+def program_env(spec: MPISpec) -> Mapping[str, str]:
+    """Environment for the launcher: the spec's own, plus Open MPI's root permission for mpiexec."""
+    env = dict(spec.env)
+    if spec.launcher == "mpiexec" and os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def resolve_program(spec: MPISpec, program: str | None) -> tuple[str, bool]:
+    """The program to run and whether it is the packaged hello program (whose ranks we check).
+    Builds the hello program if it is missing; a user program must exist (unless wrapped)."""
+    prog = program or spec.program
+    if prog is None:
+        return str(build_hello()), True
+    if not spec.wrapper:
+        path = Path(prog) if os.sep in prog else shutil.which(prog)
+        if path is None or not Path(path).exists():
+            raise FileNotFoundError(
+                f"MPI program {prog!r} does not exist. Give its full path, or build the packaged "
+                "check program with `askap-flows build-mpi`."
+            )
+        if not os.access(path, os.X_OK):
+            raise PermissionError(f"MPI program {prog!r} is not executable: chmod +x {prog}")
+        prog = str(Path(path).absolute())
+    return prog, False

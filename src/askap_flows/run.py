@@ -1,0 +1,230 @@
+"""``python -m askap_flows.run``: the main job.
+
+Runs several MPI sub-flows concurrently inside one parent flow, each on its own Dask cluster
+(local: LocalCluster + mpiexec; slurm: a multi-node SLURM job + srun), shows progress, prints a
+summary (or one JSON object with --json), and exits non-zero when any sub-flow failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import mpi, slurm
+from .server import PrefectServer, ServerError
+from .spec import BACKENDS, SpecError, resolve_specs
+
+EXIT_FAILED = 1  # a sub-flow failed
+EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m askap_flows.run",
+        description=(
+            "Run N MPI sub-flows concurrently as one Prefect pipeline. Each sub-flow builds its "
+            "own Dask cluster when it starts (local: a threaded LocalCluster; slurm: a SLURMCluster "
+            "whose one job spans --nodes nodes), runs the MPI check program across it (mpiexec or "
+            "srun) and closes the cluster. With no arguments: the local backend, 4 sub-flows, "
+            "a Prefect server on sqlite under ./.askap_flows, started for this run."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m askap_flows.run\n"
+            "  python -m askap_flows.run --backend slurm --profile testbed --subflows 6 --json\n"
+            "environment: ASKAP_FLOWS_HOME (working dir, default ./.askap_flows), "
+            "ASKAP_FLOWS_PROFILE, PREFECT_API_URL (use this Prefect server instead of starting one)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="where the clusters run: 'local' (no SLURM needed) or 'slurm' (default: local)")
+    p.add_argument("--profile", metavar="NAME|PATH",
+                   help="packaged profile (local, testbed, pawsey_example) or a YAML file; default: "
+                        "'local' for the local backend, $ASKAP_FLOWS_PROFILE for slurm")
+    p.add_argument("--subflows", type=int, default=4, metavar="N",
+                   help="how many MPI sub-flows to run (default: 4)")
+    p.add_argument("--max-concurrent", type=int, default=2, metavar="K",
+                   help="at most K sub-flows (and clusters) at once (default: 2)")
+    p.add_argument("--nodes", type=int, metavar="N",
+                   help="nodes per sub-flow: the SLURM job and the MPI step (default: the profile's)")
+    p.add_argument("--ntasks", type=int, metavar="N",
+                   help="MPI ranks per sub-flow (default: the profile's)")
+    p.add_argument("--program", metavar="PATH",
+                   help="MPI executable to run (default: the packaged check program, built if missing)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (a 'subflows' list) instead of the summary table")
+    p.add_argument("--verbose", action="store_true", help="show Prefect's own log lines too")
+    return p
+
+
+def _overrides(args) -> tuple[dict, dict]:
+    alloc, mpi_over = {}, {}
+    if args.nodes is not None:
+        alloc["nodes"] = mpi_over["nodes"] = args.nodes
+    if args.ntasks is not None:
+        mpi_over["ntasks"] = args.ntasks
+    if args.nodes is not None or args.ntasks is not None:
+        mpi_over["ntasks_per_node"] = None  # re-derived from nodes and ntasks
+    return alloc, mpi_over
+
+
+def _fit_allocation(alloc: dict, mpi_over: dict, profile_specs) -> None:
+    """With --nodes/--ntasks the allocation follows the MPI layout (enough tasks per node)."""
+    a, m = profile_specs
+    nodes = mpi_over.get("nodes", m.nodes)
+    ntasks = mpi_over.get("ntasks", m.ntasks)
+    per_node = -(-ntasks // max(nodes, 1))
+    if per_node > a.ntasks_per_node:
+        alloc["ntasks_per_node"] = per_node
+
+
+def prepare_environment() -> Path:
+    home = mpi.askap_home()
+    os.environ.setdefault(mpi.HOME_ENV, str(home))
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return home
+
+
+def quiet_prefect_console(verbose: bool) -> None:
+    """Prefect's console lines would drown the progress output; they still reach the UI."""
+    if not verbose:
+        for var in ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+                    "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL",
+                    "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL"):
+            os.environ.setdefault(var, "WARNING")
+        import logging
+
+        for name in ("distributed", "dask_jobqueue", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = ("sub-flow", "state", "job", "nodes", "ranks", "seconds", "error")
+    lines = [head]
+    for r in rows:
+        ranks = r.get("ranks") or []
+        lines.append((
+            r["name"], r["state"], r.get("job_id") or "-", ",".join(r.get("nodes") or []) or "-",
+            f"{len(ranks)}", f"{r['seconds']:.1f}", (r.get("error") or "").splitlines()[0][:70]
+            if r.get("error") else "",
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if args.subflows < 1:
+            raise SpecError(f"--subflows must be >= 1, got {args.subflows}.")
+        if args.max_concurrent < 1:
+            raise SpecError(f"--max-concurrent must be >= 1, got {args.max_concurrent}.")
+        alloc_over, mpi_over = _overrides(args)
+        base = resolve_specs(None, None, args.profile, args.backend) if (
+            args.profile or args.backend == "local" or os.environ.get("ASKAP_FLOWS_PROFILE")
+        ) else resolve_specs(None, None, None, args.backend)
+        _fit_allocation(alloc_over, mpi_over, base)
+        alloc, spec = resolve_specs(mpi_over, alloc_over, args.profile, args.backend)
+        home = prepare_environment()
+        program, _ = mpi.resolve_program(spec, args.program)
+        if args.backend == "slurm":
+            slurm.check_available()
+    except (SpecError, FileNotFoundError, PermissionError, mpi.MPIError, slurm.SlurmError) as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    except Exception as exc:  # e.g. the compiler failed: say it, no traceback wall
+        say(f"error: {exc}")
+        return EXIT_USAGE
+
+    quiet_prefect_console(args.verbose)
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        say(f"starting a Prefect server for this run (sqlite under {home / 'prefect'}) ...")
+        try:
+            server = PrefectServer(Path(os.environ["PREFECT_HOME"])).start()
+        except ServerError as exc:
+            say(f"error: {exc}")
+            return EXIT_USAGE
+        os.environ["PREFECT_API_URL"] = server.api_url
+        say(f"Prefect UI for this run: {server.ui_url}  (stops when the run ends; set "
+            "PREFECT_API_URL to use your own server)")
+    try:
+        return _run(args, alloc, spec, program, say)
+    finally:
+        _flush_prefect_logs()
+        if server is not None:
+            server.stop()
+
+
+def _flush_prefect_logs() -> None:
+    """Send the queued log lines to the API while it is still up (else they retry for a minute)."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - logging must not turn a finished run into a failure
+        pass
+
+
+def _run(args, alloc, spec, program, say) -> int:
+    from functools import partial
+
+    from prefect import flow
+
+    from .flows import mpi_subflow, run_subflows
+
+    names = [f"mpi-{i}" for i in range(args.subflows)]
+    started = time.monotonic()
+    done = {"n": 0}
+
+    def progress(outcome) -> None:
+        done["n"] += 1
+        name = names[outcome.index]
+        if outcome.ok:
+            v = outcome.value
+            where = f"job {v.job_id} on {','.join(v.nodes)}" if v.job_id else ",".join(v.nodes)
+            say(f"[{done['n']}/{len(names)}] {name} completed: {len(v.ranks)} ranks, {where}")
+        else:
+            first = str(outcome.error).splitlines()[0] if str(outcome.error) else type(outcome.error).__name__
+            say(f"[{done['n']}/{len(names)}] {name} FAILED: {first}")
+
+    @flow(name="askap-pipeline", validate_parameters=False)
+    def pipeline(n: int, max_concurrent: int):
+        calls = [partial(mpi_subflow, spec, alloc, backend=args.backend, profile=args.profile,
+                         program=program, name=names[i]) for i in range(n)]
+        return run_subflows(calls, max_concurrent=max_concurrent, on_done=progress)
+
+    say(f"running {args.subflows} sub-flow(s), backend {args.backend}, at most "
+        f"{args.max_concurrent} at once, {spec.ntasks} ranks on {spec.nodes} node(s) each ...")
+    outcomes = pipeline(args.subflows, args.max_concurrent)
+    rows = []
+    for o in outcomes:
+        if o.ok:
+            d = o.value.to_dict()
+            d.update(name=names[o.index], state="completed")
+        else:
+            d = {"name": names[o.index], "state": "failed", "backend": args.backend,
+                 "job_id": None, "nodes": [], "ranks": [], "seconds": 0.0,
+                 "error": f"{type(o.error).__name__}: {o.error}"}
+        rows.append(d)
+    failed = sum(r["state"] == "failed" for r in rows)
+    wall = time.monotonic() - started
+    if args.json:
+        print(json.dumps({"backend": args.backend, "subflows": rows, "failed": failed,
+                          "seconds": round(wall, 3)}, indent=2))
+    else:
+        print(summary_table(rows))
+        print(f"{len(rows) - failed} completed, {failed} failed in {wall:.1f} s")
+    return EXIT_FAILED if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

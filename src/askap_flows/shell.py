@@ -1,0 +1,162 @@
+"""The one place where askap_flows runs a subprocess.
+
+Commands are argument lists (never a shell string). Output is streamed line by line to a callback
+as it is produced, a timeout kills the whole process group, and a failure raises CommandError
+carrying the evidence: the command, the exit code and the last lines of stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+TAIL_LINES = 20
+
+
+class CommandError(RuntimeError):
+    """A command failed, timed out or could not start."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int | None,
+        stdout_tail: Sequence[str] = (),
+        stderr_tail: Sequence[str] = (),
+        reason: str = "",
+        hint: str = "",
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout_tail = list(stdout_tail)
+        self.stderr_tail = list(stderr_tail)
+        self.reason = reason or f"exited with code {returncode}"
+        self.hint = hint
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        lines = [f"command {self.reason}: {shlex.join(self.argv)}"]
+        if self.stderr_tail:
+            lines.append("last lines of stderr:")
+            lines += [f"  {line}" for line in self.stderr_tail]
+        elif self.stdout_tail:
+            lines.append("last lines of stdout:")
+            lines += [f"  {line}" for line in self.stdout_tail]
+        if self.hint:
+            lines.append(self.hint)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    on_line: Callable[[str, str], None] | None = None,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    check: bool = True,
+    kill_grace: float = 5.0,
+) -> Completed:
+    """Run ``argv``; stream each output line to ``on_line(stream, line)``; return or raise.
+
+    ``stream`` is "stdout" or "stderr". On timeout the process group gets SIGTERM, then SIGKILL
+    after ``kill_grace`` seconds, and CommandError(reason="timed out ...") is raised.
+    """
+    argv = [str(a) for a in argv]
+    full_env = None if env is None else {**os.environ, **env}
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            cwd=cwd,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise CommandError(argv, None, reason=f"could not start ({argv[0]!r} not found)") from None
+    except PermissionError:
+        raise CommandError(argv, None, reason=f"could not start ({argv[0]!r} is not executable)") from None
+
+    out: list[str] = []
+    err: list[str] = []
+
+    def pump(pipe, sink: list[str], name: str) -> None:
+        for line in pipe:
+            line = line.rstrip("\n")
+            sink.append(line)
+            if on_line is not None:
+                try:
+                    on_line(name, line)
+                except Exception:  # a broken callback must not hang the pipe
+                    pass
+        pipe.close()
+
+    readers = [
+        threading.Thread(target=pump, args=(proc.stdout, out, "stdout"), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, err, "stderr"), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_group(proc, kill_grace)
+    except BaseException:  # KeyboardInterrupt, SystemExit, a cancelled thread: leave nothing
+        kill_group(proc, kill_grace)
+        raise
+    for t in readers:
+        t.join(timeout=10)
+    seconds = time.monotonic() - start
+    stdout_tail = list(deque(out, TAIL_LINES))
+    stderr_tail = list(deque(err, TAIL_LINES))
+    if timed_out:
+        raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail,
+                           reason=f"timed out after {timeout:g} s and was killed")
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail)
+    return Completed(argv, proc.returncode, "\n".join(out), "\n".join(err), seconds)
+
+
+def kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group of ``proc``, then SIGKILL it after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)  # is anything of the group left?
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def output(argv: Sequence[str], timeout: float = 60, env: Mapping[str, str] | None = None) -> str:
+    """Run a short query command and return its stdout (raises CommandError on failure)."""
+    return run(argv, timeout=timeout, env=env).stdout

@@ -1,0 +1,196 @@
+"""SLURM vocabulary: the SLURMCluster arguments for an allocation (pure) and queries through shell.
+
+dask-jobqueue writes ``#SBATCH -n 1``; with ``--nodes=N`` that makes sbatch shrink the job to one
+node ("can't run 1 processes on 3 nodes, setting nnodes to 1"), so the line is skipped and the
+job asks for ``--nodes``/``--ntasks-per-node`` instead. The Dask worker runs in the batch script,
+on the first node, and its ``srun`` uses the whole allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from . import shell
+from .spec import AllocationSpec
+
+#: environment variables a job must carry so that its Dask worker finds the Prefect API and SLURM
+EXPORTED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "SLURM_CONF", "ASKAP_FLOWS_HOME",
+                "PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")
+SLURM_INSTALL_HINT = (
+    "Is this a SLURM login node? `sinfo` must work here: load the site's slurm module, or set "
+    "SLURM_CONF to the cluster's slurm.conf. On the project's test bed run "
+    "`scripts/slurm_testbed.sh up` and `source /tmp/askap_testbed/env.sh`."
+)
+
+
+class SlurmError(RuntimeError):
+    """SLURM refused or lost a job; the message says what SLURM said and what to do."""
+
+
+def job_directives(alloc: AllocationSpec) -> list[str]:
+    """The ``#SBATCH`` options beyond what dask-jobqueue writes itself."""
+    d = [f"--nodes={alloc.nodes}", f"--ntasks-per-node={alloc.ntasks_per_node}"]
+    for flag, value in (("--qos", alloc.qos), ("--reservation", alloc.reservation),
+                        ("--clusters", alloc.clusters), ("--constraint", alloc.constraint)):
+        if value:
+            d.append(f"{flag}={value}")
+    if alloc.exclusive:
+        d.append("--exclusive")
+    return d + list(alloc.extra_directives)
+
+
+def env_exports(env: Mapping[str, str]) -> list[str]:
+    """``export NAME=value`` lines (values shell-quoted) for the variables a job must carry."""
+    return [f"export {k}={shlex.quote(env[k])}" for k in EXPORTED_ENV if env.get(k)]
+
+
+def cluster_kwargs(
+    alloc: AllocationSpec,
+    *,
+    job_name: str,
+    log_directory: str,
+    env: Mapping[str, str],
+    dashboard_address: str | None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``dask_jobqueue.SLURMCluster`` (pure: no I/O).
+
+    One job of ``alloc.nodes`` nodes, one single-process Dask worker in it, and ``n_workers=1`` so
+    the cluster submits that job as soon as it exists (no call to ``scale`` needed).
+    """
+    scheduler_options: dict[str, Any] = {"dashboard_address": dashboard_address}
+    if alloc.scheduler_interface:
+        scheduler_options["interface"] = alloc.scheduler_interface
+    kwargs: dict[str, Any] = dict(
+        n_workers=1,
+        processes=1,
+        cores=alloc.cores,
+        job_cpu=alloc.cpus_per_task,
+        memory=alloc.memory,
+        walltime=alloc.walltime,
+        queue=alloc.partition,
+        account=alloc.account,
+        job_name=job_name,
+        interface=alloc.interface,
+        nanny=False,
+        python=alloc.python or sys.executable,
+        local_directory=alloc.local_directory,
+        log_directory=log_directory,
+        shebang="#!/usr/bin/env bash",
+        scheduler_options=scheduler_options,
+        job_directives_skip=["-n 1"],
+        job_extra_directives=job_directives(alloc),
+        job_script_prologue=env_exports(env) + list(alloc.prologue),
+    )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def render_job_script(kwargs: Mapping[str, Any], scheduler: str = "tcp://SCHEDULER:8786") -> str:
+    """The job script SLURMCluster would submit for ``kwargs`` (no scheduler is started)."""
+    from dask_jobqueue.slurm import SLURMJob
+
+    job_kwargs = {k: v for k, v in kwargs.items() if k not in ("n_workers", "scheduler_options")}
+    return SLURMJob(scheduler=scheduler, name="worker", **job_kwargs).job_script()
+
+
+# --------------------------------------------------------------------------- queries
+@dataclass(frozen=True)
+class JobState:
+    job_id: str
+    state: str
+    reason: str
+    nodelist: str
+
+
+def _slurm(argv: Sequence[str], timeout: float = 30) -> str:
+    if shutil.which(argv[0]) is None:
+        raise SlurmError(f"`{argv[0]}` is not on PATH. {SLURM_INSTALL_HINT}")
+    try:
+        return shell.output(argv, timeout=timeout)
+    except shell.CommandError as exc:
+        raise SlurmError(f"{exc}\n{SLURM_INSTALL_HINT}") from None
+
+
+def check_available() -> None:
+    """Raise SlurmError with the fix when SLURM's commands are missing or the controller is down."""
+    for cmd in ("sbatch", "srun", "squeue", "scancel"):
+        if shutil.which(cmd) is None:
+            raise SlurmError(f"`{cmd}` is not on PATH. {SLURM_INSTALL_HINT}")
+    _slurm(["sinfo", "-h", "-o", "%P"], timeout=20)
+
+
+def test_submit(script: str) -> str:
+    """``sbatch --test-only``: SLURM validates the job (partition, nodes, account) submitting nothing."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="askap-test-") as fh:
+        fh.write(script)
+        fh.flush()
+        res = shell.run(["sbatch", "--test-only", fh.name], check=False, timeout=30)
+    said = (res.stderr or res.stdout).strip()
+    if res.returncode != 0:
+        try:
+            nodes = shell.output(["sinfo", "-h", "-o", "%P %a nodes=%D state=%t"], timeout=20)
+        except shell.CommandError:
+            nodes = "(sinfo failed)"
+        raise SlurmError(
+            f"SLURM rejected the job before submission: {said}\nWhat sinfo reports now:\n"
+            f"{nodes.strip()}\nCheck the profile's partition, account, nodes and memory against "
+            "it (`askap-flows render` shows the job script). Nothing was submitted."
+        )
+    return said
+
+
+def jobs_named(name: str) -> list[JobState]:
+    out = _slurm(["squeue", "-h", "--name", name, "-o", "%i|%T|%r|%N"])
+    states = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4:
+            states.append(JobState(*parts))
+    return states
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict (empty when SLURM no longer knows the job)."""
+    try:
+        out = shell.output(["scontrol", "-o", "show", "job", str(job_id)], timeout=30)
+    except shell.CommandError:
+        return {}
+    info: dict[str, str] = {}
+    for item in out.split():
+        if "=" in item:
+            k, v = item.split("=", 1)
+            info.setdefault(k, v)
+    return info
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as ``node[1-3]``."""
+    if not nodelist or nodelist in ("(null)", "None"):
+        return []
+    return _slurm(["scontrol", "show", "hostnames", nodelist]).split()
+
+
+def cancel_named(name: str, wait: float = 30.0) -> list[str]:
+    """Cancel every job with this name and wait until squeue no longer lists them."""
+    try:
+        jobs = [j.job_id for j in jobs_named(name)]
+    except SlurmError:
+        return []
+    if not jobs:
+        return []
+    shell.run(["scancel", "--name", name], check=False, timeout=30)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and jobs_named(name):
+        time.sleep(0.2)
+    return jobs
+
+
+def job_env() -> dict[str, str]:
+    """The variables of the environment that jobs must carry (see EXPORTED_ENV)."""
+    return {k: os.environ[k] for k in EXPORTED_ENV if os.environ.get(k)}

@@ -1,0 +1,325 @@
+"""What a sub-flow needs: the SLURM allocation and the MPI layout, validated at construction.
+
+Specs are frozen dataclasses. Every rule is checked when a spec is built, with a message that names
+the field and the fix, so that nothing is submitted to SLURM when the request cannot work.
+
+Profiles are YAML files with two sections, ``allocation`` and ``mpi``. Layering, highest first:
+explicit arguments > the chosen profile (a packaged name or a path) > the field defaults here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+PROFILE_ENV = "ASKAP_FLOWS_PROFILE"
+MPI_PLUGINS = ("pmi2", "pmix", "none")
+LAUNCHERS = ("srun", "mpiexec")
+BACKENDS = ("local", "slurm")
+
+
+class SpecError(ValueError):
+    """A spec or profile that cannot work; the message says which field and how to fix it."""
+
+
+_WALLTIME = re.compile(
+    r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"  # D-HH[:MM[:SS]]
+    r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"  # MM | MM:SS | HH:MM:SS
+)
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+
+
+def walltime_seconds(text: str) -> int:
+    """Seconds in a SLURM time string: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    m = _WALLTIME.match(str(text).strip())
+    if not m:
+        raise SpecError(
+            f"walltime {text!r} is not a SLURM time. Use one of MM, MM:SS, HH:MM:SS, D-HH, "
+            "D-HH:MM, D-HH:MM:SS (for example '01:30:00' for 90 minutes)."
+        )
+    g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
+    if m.group("d") is not None:
+        return ((g["d"] * 24 + g["dh"]) * 60 + g["dm"]) * 60 + g["ds"]
+    if m.group("c") is not None:
+        return (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    return g["a"] * 60 + g["b"]
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{name} must be a whole number >= 1, got {value!r}.")
+
+
+def _str_tuple(name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        raise SpecError(f"{name} must be a list of strings, got the single string {value!r}.")
+    out = tuple(value)
+    for item in out:
+        if not isinstance(item, str):
+            raise SpecError(f"{name} must be a list of strings; {item!r} is not a string.")
+    return out
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """The one SLURM job a sub-flow's Dask cluster submits (its worker runs on the first node)."""
+
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    cpus_per_task: int = 1
+    cores: int = 1  # Dask worker threads
+    memory: str = "1GB"  # per node, for the job and the Dask worker
+    walltime: str = "00:30:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    reservation: str | None = None
+    clusters: str | None = None  # sbatch -M
+    constraint: str | None = None
+    exclusive: bool = False
+    job_name_prefix: str = "askapflows"
+    interface: str | None = None  # network interface of the Dask worker on the compute node
+    scheduler_interface: str | None = None  # interface the scheduler listens on (submit host)
+    prologue: tuple[str, ...] = ()  # job-script lines before the worker starts
+    python: str | None = None  # Python on the compute nodes; default: this interpreter
+    local_directory: str | None = None
+    extra_directives: tuple[str, ...] = ()  # more '#SBATCH' options, e.g. '--gres=gpu:1'
+    start_timeout: float = 600.0  # seconds from submit until the worker must have connected
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "ntasks_per_node", "cpus_per_task", "cores"):
+            _positive(name, getattr(self, name))
+        walltime_seconds(self.walltime)
+        if not _MEMORY.match(str(self.memory)):
+            raise SpecError(
+                f"memory {self.memory!r} is not a size. Use a number with a unit, e.g. '4GB' or "
+                "'500MB'."
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", self.job_name_prefix):
+            raise SpecError(
+                f"job_name_prefix {self.job_name_prefix!r} must be 1-40 letters, digits, '_', '.' "
+                "or '-' (it becomes part of the SLURM job name)."
+            )
+        if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
+            raise SpecError(f"start_timeout must be a number of seconds > 0, got {self.start_timeout!r}.")
+        object.__setattr__(self, "prologue", _str_tuple("prologue", self.prologue))
+        object.__setattr__(
+            self, "extra_directives", _str_tuple("extra_directives", self.extra_directives)
+        )
+
+    @property
+    def total_tasks(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+
+@dataclass(frozen=True)
+class MPISpec:
+    """How the MPI program is launched inside the allocation."""
+
+    nodes: int = 1
+    ntasks: int = 1
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mpi_plugin: str = "pmi2"  # srun --mpi=...; MPICH: pmi2, Open MPI: pmix
+    launcher: str = "srun"  # srun (SLURM backend) or mpiexec (local backend)
+    program: str | None = None  # default: the packaged hello-world, built by `askap-flows build-mpi`
+    args: tuple[str, ...] = ()
+    wrapper: tuple[str, ...] = ()  # e.g. ('apptainer', 'exec', '-B', '/scratch', 'image.sif')
+    launcher_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None  # seconds; the whole step is killed when it is exceeded
+
+    def __post_init__(self) -> None:
+        _positive("nodes", self.nodes)
+        _positive("ntasks", self.ntasks)
+        _positive("ntasks_per_node", self.ntasks_per_node, allow_none=True)
+        _positive("cpus_per_task", self.cpus_per_task, allow_none=True)
+        if self.ntasks < self.nodes:
+            raise SpecError(
+                f"ntasks ({self.ntasks}) is smaller than nodes ({self.nodes}): every node needs at "
+                f"least one rank. Use ntasks >= {self.nodes} or nodes <= {self.ntasks}."
+            )
+        if self.ntasks_per_node is not None and self.ntasks != self.nodes * self.ntasks_per_node:
+            raise SpecError(
+                f"ntasks ({self.ntasks}) must equal nodes x ntasks_per_node ({self.nodes} x "
+                f"{self.ntasks_per_node} = {self.nodes * self.ntasks_per_node}). Change one of "
+                "them, or leave ntasks_per_node out."
+            )
+        if self.mpi_plugin not in MPI_PLUGINS:
+            raise SpecError(
+                f"mpi_plugin {self.mpi_plugin!r} is not one of {', '.join(MPI_PLUGINS)}. MPICH "
+                "needs 'pmi2', Open MPI needs 'pmix' ('srun --mpi=list' shows what SLURM offers)."
+            )
+        if self.launcher not in LAUNCHERS:
+            raise SpecError(f"launcher {self.launcher!r} is not one of {', '.join(LAUNCHERS)}.")
+        if self.timeout is not None and not (
+            isinstance(self.timeout, (int, float)) and self.timeout > 0
+        ):
+            raise SpecError(f"timeout must be a number of seconds > 0, got {self.timeout!r}.")
+        for name in ("args", "wrapper", "launcher_args"):
+            object.__setattr__(self, name, _str_tuple(name, getattr(self, name)))
+        env = dict(self.env or {})
+        for k, v in env.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise SpecError(f"env must map strings to strings; {k!r}: {v!r} does not.")
+        object.__setattr__(self, "env", env)
+
+
+def check_fits(mpi: MPISpec, allocation: AllocationSpec) -> None:
+    """Raise SpecError when the MPI layout cannot run inside the allocation."""
+    if mpi.nodes > allocation.nodes:
+        raise SpecError(
+            f"the MPI step wants {mpi.nodes} nodes but the allocation has {allocation.nodes}. "
+            f"Set allocation nodes >= {mpi.nodes} or MPI nodes <= {allocation.nodes}."
+        )
+    per_node = mpi.ntasks_per_node or -(-mpi.ntasks // mpi.nodes)
+    if per_node > allocation.ntasks_per_node:
+        raise SpecError(
+            f"the MPI step puts {per_node} ranks on a node but the allocation has "
+            f"ntasks_per_node={allocation.ntasks_per_node}. Set allocation ntasks_per_node >= "
+            f"{per_node}, or spread the {mpi.ntasks} ranks over more nodes."
+        )
+    cpt = mpi.cpus_per_task or 1
+    if cpt > allocation.cpus_per_task:
+        raise SpecError(
+            f"the MPI step asks cpus_per_task={cpt} but the allocation has "
+            f"cpus_per_task={allocation.cpus_per_task}. Raise the allocation's cpus_per_task."
+        )
+
+
+# --------------------------------------------------------------------------- profiles
+SECTIONS = {"allocation": AllocationSpec, "mpi": MPISpec}
+
+
+def packaged_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.yaml"))}
+
+
+def _profile_path(profile: str | os.PathLike | None) -> Path | None:
+    if profile is None:
+        profile = os.environ.get(PROFILE_ENV) or None
+        if profile is None:
+            return None
+    text = str(profile)
+    known = packaged_profiles()
+    if text in known:
+        return known[text]
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in text:
+        if not path.is_file():
+            raise SpecError(
+                f"profile file {str(path)!r} does not exist. Give an existing YAML file or one of "
+                f"the packaged profiles: {', '.join(known)}."
+            )
+        return path
+    raise SpecError(
+        f"unknown profile {text!r}. Packaged profiles: {', '.join(known)}; or give the path of a "
+        "YAML file ('askap-flows profiles' lists them)."
+    )
+
+
+def read_profile(profile: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+    """The sections of a profile as plain dicts, checked for unknown keys and YAML errors."""
+    path = _profile_path(profile)
+    if path is None:
+        return {name: {} for name in SECTIONS}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise SpecError(f"profile {path}: not valid YAML{where}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"profile {path}: the top level must be a mapping with sections "
+                        f"{', '.join(SECTIONS)}.")
+    unknown = set(data) - set(SECTIONS) - {"description"}
+    if unknown:
+        raise SpecError(
+            f"profile {path}: unknown section(s) {', '.join(sorted(unknown))}. Valid sections: "
+            f"{', '.join(SECTIONS)} (and 'description')."
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in SECTIONS.items():
+        section = data.get(name) or {}
+        if not isinstance(section, dict):
+            raise SpecError(f"profile {path}: section '{name}' must be a mapping of keys to values.")
+        valid = [f.name for f in fields(cls)]
+        bad = sorted(set(section) - set(valid))
+        if bad:
+            raise SpecError(
+                f"profile {path}: unknown key(s) in '{name}': {', '.join(bad)}. Valid keys are: "
+                f"{', '.join(valid)}."
+            )
+        out[name] = dict(section)
+    return out
+
+
+def build_specs(
+    profile: str | os.PathLike | None = None,
+    allocation: Mapping[str, Any] | None = None,
+    mpi: Mapping[str, Any] | None = None,
+) -> tuple[AllocationSpec, MPISpec]:
+    """Layer explicit values over the profile over the defaults, validate, and check the fit."""
+    sections = read_profile(profile)
+    where = f" (profile {profile})" if profile else ""
+    try:
+        alloc = AllocationSpec(**{**sections["allocation"], **_explicit(allocation)})
+    except TypeError as exc:
+        raise SpecError(f"allocation{where}: {exc}") from None
+    mpi_values = {**sections["mpi"], **_explicit(mpi)}
+    try:
+        mpi_spec = MPISpec(**mpi_values)
+    except TypeError as exc:
+        raise SpecError(f"mpi{where}: {exc}") from None
+    check_fits(mpi_spec, alloc)
+    return alloc, mpi_spec
+
+
+def _explicit(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def resolve_specs(
+    mpi_spec: MPISpec | Mapping[str, Any] | None,
+    allocation: AllocationSpec | Mapping[str, Any] | None,
+    profile: str | os.PathLike | None,
+    backend: str,
+) -> tuple[AllocationSpec, MPISpec]:
+    """The specs of one sub-flow: given specs win, mappings layer over the profile; checked."""
+    if backend not in BACKENDS:
+        raise SpecError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+    if profile is None and backend == "local":
+        profile = os.environ.get("ASKAP_FLOWS_PROFILE") or "local"
+    if profile is None and not (isinstance(mpi_spec, MPISpec)
+                                and isinstance(allocation, AllocationSpec)):
+        profile = os.environ.get("ASKAP_FLOWS_PROFILE")
+        if profile is None:
+            raise SpecError(
+                "the slurm backend needs a profile that says which partition and network "
+                "interfaces to use: pass profile='testbed' (the test bed), a YAML path, or set "
+                "ASKAP_FLOWS_PROFILE. `askap-flows profiles` lists the packaged ones."
+            )
+    alloc_over = allocation if isinstance(allocation, Mapping) else None
+    mpi_over = mpi_spec if isinstance(mpi_spec, Mapping) else None
+    alloc, spec = build_specs(profile, allocation=alloc_over, mpi=mpi_over)
+    if isinstance(allocation, AllocationSpec):
+        alloc = allocation
+    if isinstance(mpi_spec, MPISpec):
+        spec = mpi_spec
+    if backend == "local" and spec.launcher != "mpiexec":
+        spec = dataclasses.replace(spec, launcher="mpiexec")
+    check_fits(spec, alloc)
+    return alloc, spec

@@ -1,0 +1,112 @@
+"""Test tiers and the services they need.
+
+unit      no services
+mpi       an MPI compiler and launcher (Debian's mpich, installed by scripts/test.sh)
+slurm     the 3-node test bed (scripts/slurm_testbed.sh up; SLURM_CONF from its env.sh)
+postgres  PostgreSQL's binaries
+
+With CI=true a missing service makes its tests fail; elsewhere they are skipped with the reason.
+A Prefect server (sqlite, in a temporary PREFECT_HOME) is started once for the session, before
+any test module imports Prefect, unless PREFECT_API_URL is already set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_server = None
+_tmp_home = None
+
+
+def pytest_configure(config):
+    global _server, _tmp_home
+    _tmp_home = tempfile.mkdtemp(prefix="askap-tests-")
+    os.environ.setdefault("ASKAP_FLOWS_HOME", str(Path(_tmp_home) / "home"))
+    os.environ.setdefault("PREFECT_HOME", str(Path(_tmp_home) / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):
+        from askap_flows.server import PrefectServer
+
+        _server = PrefectServer(Path(os.environ["PREFECT_HOME"])).start()
+        os.environ["PREFECT_API_URL"] = _server.api_url
+
+
+def pytest_unconfigure(config):
+    if _server is not None:
+        try:
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+        except Exception:
+            pass
+        _server.stop()
+    if _tmp_home:
+        shutil.rmtree(_tmp_home, ignore_errors=True)
+
+
+def _missing(reason: str):
+    if IN_CI:
+        pytest.fail(f"CI=true and a service is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def slurm_ready() -> str | None:
+    """None when the test bed answers, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not on PATH (scripts/slurm_testbed.sh up installs SLURM)"
+    if not os.environ.get("SLURM_CONF"):
+        return "SLURM_CONF not set: source /tmp/askap_testbed/env.sh after scripts/slurm_testbed.sh up"
+    r = subprocess.run(["sinfo", "-h", "-o", "%D %t"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"sinfo failed: {r.stderr.strip()}"
+    return None
+
+
+def pytest_runtest_setup(item):
+    marks = {m.name for m in item.iter_markers()}
+    if "slurm" in marks:
+        why = slurm_ready()
+        if why:
+            _missing(why)
+    if "mpi" in marks:
+        from askap_flows import mpi
+
+        if mpi.find_mpicc() is None or mpi.find_mpiexec() is None:
+            _missing("no mpicc/mpiexec: apt-get install mpich libmpich-dev")
+    if "postgres" in marks and shutil.which("pg_ctl") is None and not list(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")
+    ):
+        _missing("PostgreSQL binaries not found: apt-get install postgresql")
+
+
+@pytest.fixture(scope="session")
+def hello_program() -> str:
+    """The check program, built once with the mpicc on PATH."""
+    from askap_flows import mpi
+
+    return str(mpi.build_hello())
+
+
+@pytest.fixture
+def no_jobs_left():
+    """Asserts after the test that no askap_flows job is left in SLURM."""
+    yield
+    out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout
+    left = [line for line in out.splitlines() if line.startswith("askapflows")]
+    assert not left, f"jobs left behind: {left}"
+
+
+def run_main(*args: str, env: dict | None = None, timeout: float = 600, cwd=None):
+    """Run ``python -m askap_flows.run`` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "askap_flows.run", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=cwd)

@@ -1,0 +1,76 @@
+"""The local backend: a LocalCluster per sub-flow and mpiexec, no SLURM anywhere."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import run_main
+
+pytestmark = pytest.mark.mpi
+
+
+def test_local_subflow_returns_one_record_per_rank(hello_program):
+    from askap_flows.flows import mpi_subflow
+
+    res = mpi_subflow({"ntasks": 3}, backend="local", name="local-test")
+    assert [r.rank for r in res.ranks] == [0, 1, 2]
+    assert all(r.size == 3 and r.allreduce == 3 for r in res.ranks)
+    assert res.exit_code == 0 and res.job_id is None
+    assert res.dashboard and res.dashboard.startswith("http://127.0.0.1:")
+
+
+def _fake_slurm(tmp_path):
+    """A PATH dir whose SLURM commands record that they were called (they must not be)."""
+    d = tmp_path / "fakebin"
+    d.mkdir()
+    for cmd in ("sbatch", "srun", "sinfo", "squeue", "scancel", "salloc", "scontrol"):
+        p = d / cmd
+        p.write_text(f"#!/bin/sh\necho {cmd} >> {tmp_path}/slurm-called\nexit 97\n")
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return d
+
+
+def test_main_job_with_defaults_needs_no_slurm(tmp_path):
+    fake = _fake_slurm(tmp_path)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "ASKAP_FLOWS_HOME": str(tmp_path / "home"),
+           "PREFECT_HOME": "", "PREFECT_API_URL": "", "SLURM_CONF": ""}
+    env = {k: v for k, v in env.items()}
+    r = run_main(env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(4):
+        assert f"mpi-{i}" in r.stdout
+    assert "4 completed, 0 failed" in r.stdout
+    assert "Prefect UI for this run: http://127.0.0.1:" in r.stderr
+    assert not (tmp_path / "slurm-called").exists()
+    assert (tmp_path / "home" / "bin" / "mpi_hello_world").exists()
+
+
+def test_main_job_json_output(tmp_path):
+    r = run_main("--subflows", "2", "--ntasks", "2", "--json",
+                 env={"ASKAP_FLOWS_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    assert [s["state"] for s in data["subflows"]] == ["completed", "completed"]
+    for s in data["subflows"]:
+        assert [(x["rank"], x["size"], x["allreduce"]) for x in s["ranks"]] == [(0, 2, 1), (1, 2, 1)]
+        assert {"processor"} <= set(s["ranks"][0])
+
+
+def test_failing_subflow_does_not_stop_its_siblings(tmp_path):
+    from functools import partial
+
+    from prefect import flow
+
+    from askap_flows.flows import mpi_subflow, run_subflows
+
+    @flow
+    def parent():
+        good = partial(mpi_subflow, {"ntasks": 2}, backend="local")
+        bad = partial(mpi_subflow, {"ntasks": 2, "args": ["--fail-rank", "1"]}, backend="local")
+        return run_subflows([good, bad, good], max_concurrent=2)
+
+    outcomes = parent()
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert "exited with code" in str(outcomes[1].error)

@@ -1,0 +1,40 @@
+import os
+import time
+
+import pytest
+
+from askap_flows import shell
+
+pytestmark = pytest.mark.unit
+
+
+def test_lines_are_streamed_as_they_come():
+    seen = []
+    t0 = time.monotonic()
+    shell.run(["bash", "-c", "echo one; sleep 1; echo two >&2"],
+              on_line=lambda s, l: seen.append((s, l, time.monotonic() - t0)))
+    assert [(s, l) for s, l, _ in seen] == [("stdout", "one"), ("stderr", "two")]
+    assert seen[0][2] < 0.9 <= seen[1][2]  # the first line arrived before the command ended
+
+
+def test_failure_carries_command_code_and_stderr_tail():
+    with pytest.raises(shell.CommandError) as e:
+        shell.run(["bash", "-c", "echo out; echo bad thing >&2; exit 7"])
+    err = e.value
+    assert err.returncode == 7 and err.stderr_tail == ["bad thing"]
+    assert "exited with code 7: bash -c" in str(err) and "bad thing" in str(err)
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    with pytest.raises(shell.CommandError, match="timed out after 1 s"):
+        shell.run(["bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], timeout=1, kill_grace=1)
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_missing_program_is_a_clear_error():
+    with pytest.raises(shell.CommandError, match="could not start .'/no/such/prog' not found"):
+        shell.run(["/no/such/prog"])
