@@ -1,6 +1,6 @@
 """Tests of scripts/prefect_env.sh and scripts/postgres_database.sh.
 
-``unit`` tests need bash (and shellcheck); ``postgres`` tests start a real PostgreSQL
+``unit`` tests need bash (bash -n and shellcheck of every script: test_scripts.py); ``postgres`` tests start a real PostgreSQL
 server listening on 127.0.0.2 (Linux routes all of 127.0.0.0/8 to ``lo``). No test
 contacts an address outside 127.0.0.0/8: every call passes ``--address 127.0.0.2``.
 
@@ -25,7 +25,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PG_SCRIPT = ROOT / "scripts" / "postgres_database.sh"
 ENV_SCRIPT = ROOT / "scripts" / "prefect_env.sh"
-SCRIPTS = [PG_SCRIPT, ENV_SCRIPT]
 ADDRESS = "127.0.0.2"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 IS_ROOT = os.geteuid() == 0
@@ -121,21 +120,6 @@ def can_run_as_nobody() -> bool:
 
 
 # ------------------------------------------------------------------------------------ static
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_bash_syntax(script: Path) -> None:
-    res = run("bash", "-n", script)
-    assert res.returncode == 0, res.stderr
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_shellcheck(script: Path) -> None:
-    shellcheck = require("shellcheck")
-    res = run(shellcheck, script)
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.unit

@@ -180,7 +180,7 @@ def mpi_subflow(
         slurm.check_available()
         log_dir = mpi.askap_home() / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = runners.slurm_cluster_kwargs(alloc, job_name, log_dir)
+        kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir)
         slurm.test_submit(slurm.render_job_script(kwargs))
         runner = runners.slurm_runner(kwargs)
         job = job_name

@@ -8,6 +8,7 @@ summary (or one JSON object with --json), and exits non-zero when any sub-flow f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from . import mpi, slurm
 from .server import PrefectServer, ServerError
-from .spec import BACKENDS, SpecError, resolve_specs
+from .spec import BACKENDS, SpecError, check_fits, resolve_specs
 
 EXIT_FAILED = 1  # a sub-flow failed
 EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
@@ -62,25 +63,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args) -> tuple[dict, dict]:
-    alloc, mpi_over = {}, {}
-    if args.nodes is not None:
-        alloc["nodes"] = mpi_over["nodes"] = args.nodes
-    if args.ntasks is not None:
-        mpi_over["ntasks"] = args.ntasks
-    if args.nodes is not None or args.ntasks is not None:
-        mpi_over["ntasks_per_node"] = None  # re-derived from nodes and ntasks
-    return alloc, mpi_over
-
-
-def _fit_allocation(alloc: dict, mpi_over: dict, profile_specs) -> None:
-    """With --nodes/--ntasks the allocation follows the MPI layout (enough tasks per node)."""
-    a, m = profile_specs
-    nodes = mpi_over.get("nodes", m.nodes)
-    ntasks = mpi_over.get("ntasks", m.ntasks)
-    per_node = -(-ntasks // max(nodes, 1))
-    if per_node > a.ntasks_per_node:
-        alloc["ntasks_per_node"] = per_node
+def cli_specs(args):
+    """The profile's specs with --nodes/--ntasks applied; the allocation follows the MPI layout."""
+    alloc, spec = resolve_specs(None, None, args.profile, args.backend)
+    if args.nodes is None and args.ntasks is None:
+        return alloc, spec
+    nodes = args.nodes if args.nodes is not None else spec.nodes
+    ntasks = args.ntasks if args.ntasks is not None else max(spec.ntasks, nodes)
+    spec = dataclasses.replace(spec, nodes=nodes, ntasks=ntasks, ntasks_per_node=None)
+    per_node = -(-ntasks // nodes)
+    alloc = dataclasses.replace(alloc, nodes=max(alloc.nodes, nodes) if args.nodes is None else nodes,
+                                ntasks_per_node=max(alloc.ntasks_per_node, per_node))
+    check_fits(spec, alloc)
+    return alloc, spec
 
 
 def prepare_environment() -> Path:
@@ -127,16 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError(f"--subflows must be >= 1, got {args.subflows}.")
         if args.max_concurrent < 1:
             raise SpecError(f"--max-concurrent must be >= 1, got {args.max_concurrent}.")
-        alloc_over, mpi_over = _overrides(args)
-        base = resolve_specs(None, None, args.profile, args.backend) if (
-            args.profile or args.backend == "local" or os.environ.get("ASKAP_FLOWS_PROFILE")
-        ) else resolve_specs(None, None, None, args.backend)
-        _fit_allocation(alloc_over, mpi_over, base)
-        alloc, spec = resolve_specs(mpi_over, alloc_over, args.profile, args.backend)
+        alloc, spec = cli_specs(args)
         home = prepare_environment()
-        program, _ = mpi.resolve_program(spec, args.program)
         if args.backend == "slurm":
             slurm.check_available()
+            kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check", home / "logs")
+            slurm.test_submit(slurm.render_job_script(kwargs))
+        program, _ = mpi.resolve_program(spec, args.program)
     except (SpecError, FileNotFoundError, PermissionError, mpi.MPIError, slurm.SlurmError) as exc:
         say(f"error: {exc}")
         return EXIT_USAGE

@@ -7,14 +7,11 @@ and closes it when the flow run ends.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 # dask_jobqueue 0.9 installs a signal handler when first imported; that only works in the main
 # thread, and sub-flows start their clusters from worker threads. Import it here, at module top.
 import dask_jobqueue  # noqa: F401
 from prefect_dask import DaskTaskRunner
 
-from . import slurm
 from .spec import AllocationSpec
 
 try:  # Many clusters starting at once from threads race on this import (a failed import is only
@@ -24,19 +21,6 @@ except ImportError:  # pragma: no cover - bokeh missing: clusters run without a 
     pass
 
 LOCAL_HOST = "127.0.0.1"
-
-
-def interface_address(interface: str) -> str:
-    """The IPv4 address of a network interface on this host (for the scheduler's dashboard)."""
-    from distributed.utils import get_ip_interface
-
-    try:
-        return get_ip_interface(interface)
-    except ValueError as exc:
-        raise ValueError(
-            f"network interface {interface!r} has no IPv4 address on this host ({exc}). Set the "
-            "profile's scheduler_interface to one that exists here (`ip -br addr` lists them)."
-        ) from None
 
 
 def local_runner(alloc: AllocationSpec) -> DaskTaskRunner:
@@ -49,18 +33,6 @@ def local_runner(alloc: AllocationSpec) -> DaskTaskRunner:
             processes=False,  # in-process (inproc://) comms: no network port but the dashboard's
             dashboard_address=f"{LOCAL_HOST}:0",
         ),
-    )
-
-
-def slurm_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_directory: Path) -> dict:
-    """SLURMCluster arguments for this run: the job, the exported environment, a fresh port."""
-    host = interface_address(alloc.scheduler_interface) if alloc.scheduler_interface else LOCAL_HOST
-    return slurm.cluster_kwargs(
-        alloc,
-        job_name=job_name,
-        log_directory=str(log_directory),
-        env=slurm.job_env(),
-        dashboard_address=f"{host}:0",
     )
 
 

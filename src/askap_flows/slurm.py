@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import shell
@@ -194,3 +195,28 @@ def cancel_named(name: str, wait: float = 30.0) -> list[str]:
 def job_env() -> dict[str, str]:
     """The variables of the environment that jobs must carry (see EXPORTED_ENV)."""
     return {k: os.environ[k] for k in EXPORTED_ENV if os.environ.get(k)}
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of a network interface on this host (for the scheduler's dashboard)."""
+    from distributed.utils import get_ip_interface
+
+    try:
+        return get_ip_interface(interface)
+    except ValueError as exc:
+        raise ValueError(
+            f"network interface {interface!r} has no IPv4 address on this host ({exc}). Set the "
+            "profile's scheduler_interface to one that exists here (`ip -br addr` lists them)."
+        ) from None
+
+
+def run_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_directory: Path) -> dict:
+    """SLURMCluster arguments for this run: the job, the exported environment, a fresh port."""
+    host = interface_address(alloc.scheduler_interface) if alloc.scheduler_interface else "127.0.0.1"
+    return cluster_kwargs(
+        alloc,
+        job_name=job_name,
+        log_directory=str(log_directory),
+        env=job_env(),
+        dashboard_address=f"{host}:0",
+    )

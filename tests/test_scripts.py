@@ -1,0 +1,29 @@
+"""Every shipped shell script passes bash -n and shellcheck."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(ROOT.glob("scripts/*.sh")) + [ROOT / ".ci" / "run"]
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("shellcheck missing (scripts/test.sh installs it)")
+        pytest.skip("shellcheck missing: apt-get install shellcheck")
+    r = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
