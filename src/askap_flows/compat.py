@@ -7,6 +7,7 @@ No other module checks Prefect's version. What is the same in both (flow/task de
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import version
 
 PREFECT_VERSION = version("prefect")
@@ -32,6 +33,12 @@ LEGACY_PREFIX = "PREFECT_ORION_"
 
 #: settings every server and client of askap_flows gets (offline sites: no telemetry errors)
 QUIET_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def server_command(host: str, port: int) -> list[str]:
+    """``prefect server start`` with this interpreter (2.20 has no ``python -m prefect``)."""
+    return [sys.executable, "-c", "from prefect.cli import app; app()", "server", "start",
+            "--host", host, "--port", str(port)]
 
 
 def server_settings(database_url: str) -> dict[str, str]:

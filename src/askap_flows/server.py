@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -73,8 +72,7 @@ class PrefectServer:
             env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
             env.update(compat.server_settings(self.database_url))
             env["PREFECT_HOME"] = str(self.home)
-            argv = [sys.executable, "-m", "prefect", "server", "start", "--host", self.host,
-                    "--port", str(port)]
+            argv = compat.server_command(self.host, port)
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env,
