@@ -12,12 +12,12 @@ import os
 import shutil
 import socket
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, mpi, runners, shell, slurm
 from .spec import AllocationSpec, MPISpec, resolve_specs
@@ -81,10 +81,7 @@ def _missing(what: str, hint: str):
 def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
               job_name: str | None, start_timeout: float) -> MPIRunResult:
     logger = get_run_logger()
-    client = compat.current_dask_client()  # Prefect 3 starts the cluster here (and submits the job)
-    dashboard = runners.dashboard_url(client)
-    if dashboard:
-        logger.info("Dask dashboard of this sub-flow: %s", dashboard)
+    dashboard = _cluster_started(job_name, logger)
     future = run_mpi.submit(spec, program, check_ranks)
     if backend == "slurm":
         _watch_job(future, job_name, start_timeout, logger)
@@ -92,10 +89,32 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
     nodes = slurm.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
+        _record_job(data["job_id"], job_name, nodes, dashboard)
     return MPIRunResult(
         name=job_name or "local", backend=backend, job_id=data["job_id"], nodes=nodes,
         dashboard=dashboard, exit_code=data["exit_code"], seconds=data["seconds"],
         command=data["command"], ranks=data["ranks"],
+    )
+
+
+def _cluster_started(job_name: str | None, logger) -> str | None:
+    """Start (Prefect 3) or get (Prefect 2) this run's cluster; log and record its dashboard."""
+    client = compat.current_dask_client()  # Prefect 3 starts the cluster here (and submits the job)
+    dashboard = runners.dashboard_url(client)
+    if dashboard:
+        logger.info("Dask dashboard of this sub-flow: %s", dashboard)
+        description = f"Dask dashboard of this sub-flow's cluster (SLURM job name `{job_name}`)." \
+            if job_name else "Dask dashboard of this sub-flow's local cluster."
+        create_link_artifact(link=dashboard, link_text="Dask dashboard", description=description)
+    return dashboard
+
+
+def _record_job(job_id: str, job_name: str | None, nodes: list[str], dashboard: str | None) -> None:
+    """The SLURM job of this sub-flow run, as a table on the flow run (visible in the Prefect UI)."""
+    create_table_artifact(
+        table=[{"slurm_job_id": job_id, "job_name": job_name or "", "nodes": ",".join(nodes),
+                "dashboard": dashboard or ""}],
+        description=f"SLURM job {job_id} of this sub-flow",
     )
 
 
@@ -106,6 +125,8 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> None:
     seen: slurm.JobState | None = None
     last_poll = 0.0
     while not compat.future_done(future, timeout=1.0):
+        if runners.shutting_down.is_set():
+            raise RuntimeError(f"the pipeline is shutting down: job {job_name} was cancelled")
         now = time.monotonic()
         if now - last_poll < 2.0:
             continue
@@ -171,27 +192,13 @@ def mpi_subflow(
     """
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
-    token = uuid.uuid4().hex[:10]
-    job_name = f"{alloc.job_name_prefix}-{token}"
-    if backend == "local":
-        runner = runners.local_runner(alloc)
-        job = None
-    else:
+    if backend == "slurm":
         slurm.check_available()
-        log_dir = mpi.askap_home() / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir)
-        slurm.test_submit(slurm.render_job_script(kwargs))
-        runner = runners.slurm_runner(kwargs)
-        job = job_name
-    sub = _mpi_flow.with_options(name="mpi-subflow", task_runner=runner,
-                                 flow_run_name=name or job_name)
-    try:
+    with runners.cluster_for_run(alloc, backend) as run:
+        sub = _mpi_flow.with_options(task_runner=run.runner,
+                                     flow_run_name=name or run.job_name or f"mpi-{run.token}")
         return sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
-                   job_name=job, start_timeout=alloc.start_timeout)
-    finally:
-        if job is not None:
-            slurm.cancel_named(job)  # safety net: the cluster normally cancelled it already
+                   job_name=run.job_name, start_timeout=alloc.start_timeout)
 
 
 # --------------------------------------------------------------------------- composition
@@ -227,6 +234,8 @@ def run_subflows(
             raise TypeError(f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
 
     def one(i: int, call: Callable[[], Any], ctx: contextvars.Context) -> Outcome:
+        if runners.shutting_down.is_set():
+            return Outcome(i, error=RuntimeError("not started: the pipeline is shutting down"))
         try:
             outcome = Outcome(i, value=ctx.run(call))
         except Exception as exc:  # noqa: BLE001 - reported per sub-flow
@@ -237,7 +246,14 @@ def run_subflows(
 
     if not calls:
         return []
-    with ThreadPoolExecutor(max_workers=min(max_concurrent, len(calls)),
-                            thread_name_prefix="askap-subflow") as pool:
-        futures = [pool.submit(one, i, c, contextvars.copy_context()) for i, c in enumerate(calls)]
+    pool = ThreadPoolExecutor(max_workers=min(max_concurrent, len(calls)),
+                              thread_name_prefix="askap-subflow")
+    futures = [pool.submit(one, i, c, contextvars.copy_context()) for i, c in enumerate(calls)]
+    try:
         return [f.result() for f in futures]
+    except BaseException:  # Ctrl-C, SIGTERM, SystemExit: cancel every job, leave nothing running
+        runners.cancel_everything()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)

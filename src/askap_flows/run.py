@@ -11,16 +11,28 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from . import mpi, slurm
+from . import database, mpi, slurm
 from .server import PrefectServer, ServerError
 from .spec import BACKENDS, SpecError, check_fits, resolve_specs
 
 EXIT_FAILED = 1  # a sub-flow failed
 EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread, which cancels every
+    sub-flow's job (dask_jobqueue's import turned Ctrl-C into a bare sys.exit())."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check", home / "logs")
             slurm.test_submit(slurm.render_job_script(kwargs))
         program, _ = mpi.resolve_program(spec, args.program)
+        db = database.preflight(args.max_concurrent, api_url=os.environ.get("PREFECT_API_URL"))
     except (SpecError, FileNotFoundError, PermissionError, mpi.MPIError, slurm.SlurmError) as exc:
         say(f"error: {exc}")
         return EXIT_USAGE
@@ -139,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_prefect_console(args.verbose)
     server = None
     if not os.environ.get("PREFECT_API_URL"):
-        say(f"starting a Prefect server for this run (sqlite under {home / 'prefect'}) ...")
+        say(f"starting a Prefect server for this run ({db.describe()}) ...")
         try:
-            server = PrefectServer(Path(os.environ["PREFECT_HOME"])).start()
+            server = PrefectServer(Path(os.environ["PREFECT_HOME"]), db.url,
+                                   settings=db.server_env).start()
         except ServerError as exc:
             say(f"error: {exc}")
             return EXIT_USAGE
@@ -173,6 +187,8 @@ def _run(args, alloc, spec, program, say) -> int:
 
     from .flows import mpi_subflow, run_subflows
 
+    install_signal_handlers()
+
     names = [f"mpi-{i}" for i in range(args.subflows)]
     started = time.monotonic()
     done = {"n": 0}
@@ -196,7 +212,11 @@ def _run(args, alloc, spec, program, say) -> int:
 
     say(f"running {args.subflows} sub-flow(s), backend {args.backend}, at most "
         f"{args.max_concurrent} at once, {spec.ntasks} ranks on {spec.nodes} node(s) each ...")
-    outcomes = pipeline(args.subflows, args.max_concurrent)
+    try:
+        outcomes = pipeline(args.subflows, args.max_concurrent)
+    except KeyboardInterrupt:
+        say("interrupted: every SLURM job of this run was cancelled and its clusters closed")
+        return EXIT_INTERRUPTED
     rows = []
     for o in outcomes:
         if o.ok:

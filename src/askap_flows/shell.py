@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 TAIL_LINES = 20
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
 
 
 class CommandError(RuntimeError):
@@ -98,6 +100,8 @@ def run(
     except PermissionError:
         raise CommandError(argv, None, reason=f"could not start ({argv[0]!r} is not executable)") from None
 
+    with _running_lock:
+        _running.add(proc)
     out: list[str] = []
     err: list[str] = []
 
@@ -127,6 +131,9 @@ def run(
     except BaseException:  # KeyboardInterrupt, SystemExit, a cancelled thread: leave nothing
         kill_group(proc, kill_grace)
         raise
+    finally:
+        with _running_lock:
+            _running.discard(proc)
     for t in readers:
         t.join(timeout=10)
     seconds = time.monotonic() - start
@@ -155,6 +162,18 @@ def kill_group(proc: subprocess.Popen, grace: float) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.05)
+
+
+def terminate_all(grace: float = 3.0) -> int:
+    """Kill the process groups of every command still running through ``run`` (on shutdown)."""
+    with _running_lock:
+        procs = list(_running)
+    threads = [threading.Thread(target=kill_group, args=(p, grace)) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(procs)
 
 
 def output(argv: Sequence[str], timeout: float = 60, env: Mapping[str, str] | None = None) -> str:

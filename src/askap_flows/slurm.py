@@ -210,13 +210,21 @@ def interface_address(interface: str) -> str:
         ) from None
 
 
-def run_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_directory: Path) -> dict:
-    """SLURMCluster arguments for this run: the job, the exported environment, a fresh port."""
-    host = interface_address(alloc.scheduler_interface) if alloc.scheduler_interface else "127.0.0.1"
-    return cluster_kwargs(
+def scheduler_host(alloc: AllocationSpec) -> str:
+    """The address the scheduler (and its dashboard) listens on: the scheduler interface's."""
+    return interface_address(alloc.scheduler_interface) if alloc.scheduler_interface else "127.0.0.1"
+
+
+def run_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_directory: Path,
+                       scheduler_port: int = 0, dashboard_port: int = 0) -> dict:
+    """SLURMCluster arguments for one run: its job, the exported environment, its ports."""
+    host = scheduler_host(alloc)
+    kwargs = cluster_kwargs(
         alloc,
         job_name=job_name,
         log_directory=str(log_directory),
         env=job_env(),
-        dashboard_address=f"{host}:0",
+        dashboard_address=f"{host}:{dashboard_port}",
     )
+    kwargs["scheduler_options"]["port"] = scheduler_port
+    return kwargs
