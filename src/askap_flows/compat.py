@@ -30,6 +30,17 @@ MAX_OVERFLOW_VAR = (
 )
 POOL_TIMEOUT_VAR = None if PREFECT_MAJOR < 3 else "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_TIMEOUT"
 LEGACY_PREFIX = "PREFECT_ORION_"
+#: connection (connect) timeout of the server's database connections, seconds
+CONNECT_TIMEOUT_VAR = (
+    "PREFECT_API_DATABASE_CONNECTION_TIMEOUT" if PREFECT_MAJOR < 3
+    else "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT"
+)
+#: what PREFECT_ORION_DATABASE_<X> is called now
+LEGACY_DATABASE_RENAME = (
+    "PREFECT_API_DATABASE_" if PREFECT_MAJOR < 3 else "PREFECT_SERVER_DATABASE_"
+)
+#: the server's defaults when none of the above is set (SQLAlchemy's 5/10/30 s; connect 5 s)
+DEFAULT_POOL = {"pool_size": 5, "max_overflow": 10, "pool_timeout": 30.0, "connect_timeout": 5.0}
 
 #: settings every server and client of askap_flows gets (offline sites: no telemetry errors)
 QUIET_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -45,6 +56,19 @@ def server_settings(database_url: str) -> dict[str, str]:
     """Environment for ``prefect server start`` against ``database_url``."""
     env = {name: database_url for name in DATABASE_URL_VARS}
     env.update(QUIET_SETTINGS)
+    return env
+
+
+def pool_settings(pool_size: int, max_overflow: int, pool_timeout: float,
+                  connect_timeout: float) -> dict[str, str]:
+    """The server-process environment for these pool settings, under the installed major's names.
+
+    Prefect 2.20 has no pool-timeout setting (SQLAlchemy's 30 s applies): it is left out there.
+    """
+    env = {POOL_SIZE_VAR: str(pool_size), MAX_OVERFLOW_VAR: str(max_overflow),
+           CONNECT_TIMEOUT_VAR: f"{connect_timeout:g}"}
+    if POOL_TIMEOUT_VAR is not None:
+        env[POOL_TIMEOUT_VAR] = f"{pool_timeout:g}"
     return env
 
 

@@ -15,8 +15,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Mapping
 
 from . import compat, shell
+from .database import sqlite_url  # noqa: F401 - also re-exported here
 
 
 class ServerError(RuntimeError):
@@ -37,18 +39,17 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def sqlite_url(prefect_home: Path) -> str:
-    return f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
-
-
 class PrefectServer:
     """``prefect server start`` on ``host`` with its log in ``log_path``; a context manager."""
 
     def __init__(self, prefect_home: Path, database_url: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None,
-                 start_timeout: float = 90.0) -> None:
+                 start_timeout: float = 90.0, settings: Mapping[str, str] | None = None) -> None:
+        """``settings``: extra environment of the server process, e.g. the pool settings of
+        ``database.preflight(...).server_env``."""
         self.home = Path(prefect_home)
         self.database_url = database_url or sqlite_url(self.home)
+        self.settings = dict(settings or {})
         self.host = host
         self.port = port
         self._fixed_port = port is not None
@@ -71,6 +72,7 @@ class PrefectServer:
             port = self.port if self._fixed_port else free_port(self.host)
             env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
             env.update(compat.server_settings(self.database_url))
+            env.update(self.settings)
             env["PREFECT_HOME"] = str(self.home)
             argv = compat.server_command(self.host, port)
             with open(self.log_path, "ab") as log:
