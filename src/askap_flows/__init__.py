@@ -5,12 +5,13 @@ Importing this package does not import Prefect; ``askap_flows.flows`` does.
 
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
-__all__ = ["AllocationSpec", "MPISpec", "SpecError", "build_specs", "mpi_subflow", "run_subflows"]
+__all__ = ["AllocationSpec", "MPISpec", "SpecError", "build_specs", "mpi_subflow", "array_subflow",
+           "run_subflows"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("mpi_subflow", "run_subflows"):
+    if name in ("mpi_subflow", "array_subflow", "run_subflows"):
         from . import flows
 
         return getattr(flows, name)

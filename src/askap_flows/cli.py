@@ -39,6 +39,27 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_cleanup(args) -> int:
+    slurm.check_available()
+    jobs = slurm.jobs_with_prefix(args.prefix)
+    if not jobs:
+        print(f"no SLURM jobs named {args.prefix}-* are left")
+        return 0
+    print(f"{len(jobs)} SLURM job(s) named {args.prefix}-* (left by a pipeline that died, or "
+          "belonging to one still running):")
+    for job_id, name, state, nodes in jobs:
+        print(f"  {job_id:>10}  {name:28s} {state:12s} {nodes}")
+    if not args.yes:
+        print("nothing cancelled; run again with --yes to cancel them (make sure no pipeline of "
+              "yours is still running)")
+        return 0
+    for _, name, _, _ in jobs:
+        slurm.cancel_named(name)
+    left = slurm.jobs_with_prefix(args.prefix)
+    print(f"cancelled {len(jobs) - len(left)} job(s)" + (f"; {len(left)} still listed" if left else ""))
+    return 1 if left else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="askap-flows", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -54,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=BACKENDS, default="slurm")
     r.add_argument("--program", help="MPI program (default: the check program)")
     r.set_defaults(func=cmd_render)
+    c = sub.add_parser("cleanup", help="list (and with --yes cancel) SLURM jobs left by "
+                                       "askap_flows pipelines that died")
+    c.add_argument("--prefix", default="askapflows", help="job name prefix (default: askapflows)")
+    c.add_argument("--yes", action="store_true", help="cancel them")
+    c.set_defaults(func=cmd_cleanup)
     return p
 
 

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, mpi, runners, shell, slurm
-from .spec import AllocationSpec, MPISpec, resolve_specs
+from .spec import AllocationSpec, MPISpec, resolve_allocation, resolve_specs
 
 @dataclass
 class MPIRunResult:
@@ -199,6 +199,88 @@ def mpi_subflow(
                                      flow_run_name=name or run.job_name or f"mpi-{run.token}")
         return sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
                    job_name=run.job_name, start_timeout=alloc.start_timeout)
+
+
+# --------------------------------------------------------------------------- array sub-flow
+@task(name="make-array")
+def make_array(seed: int, size: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).random(size)
+
+
+@task(name="add-arrays")
+def add_arrays(a, b):
+    return a + b
+
+
+@task(name="mean")
+def mean_of(x) -> dict:
+    return {"mean": float(x.mean()), "job_id": os.environ.get("SLURM_JOB_ID"),
+            "host": socket.gethostname()}
+
+
+@dataclass
+class ArrayResult:
+    """What one array sub-flow computed: the mean of the element-wise sum of its arrays."""
+
+    name: str
+    backend: str
+    mean: float
+    n_arrays: int
+    size: int
+    job_id: str | None
+    dashboard: str | None
+
+
+@flow(name="array-subflow", validate_parameters=False)
+def _array_flow(n_arrays: int, size: int, seed: int, backend: str, job_name: str | None,
+                start_timeout: float, name: str) -> ArrayResult:
+    logger = get_run_logger()
+    dashboard = _cluster_started(job_name, logger)
+    total = make_array.submit(seed, size)
+    for i in range(1, n_arrays):
+        total = add_arrays.submit(total, make_array.submit(seed + i, size))
+    future = mean_of.submit(total)
+    if backend == "slurm":
+        _watch_job(future, job_name, start_timeout, logger)
+    data = future.result()
+    if data["job_id"]:
+        _record_job(data["job_id"], job_name, [data["host"]], dashboard)
+    return ArrayResult(name=name, backend=backend, mean=data["mean"], n_arrays=n_arrays, size=size,
+                       job_id=data["job_id"], dashboard=dashboard)
+
+
+def array_subflow(
+    n_arrays: int = 4,
+    size: int = 100_000,
+    *,
+    seed: int = 0,
+    allocation: AllocationSpec | Mapping[str, Any] | None = None,
+    backend: str = "local",
+    profile: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> ArrayResult:
+    """Array work (random arrays, element-wise sum, mean) on a Dask cluster built for this call.
+
+    The same composition rules as ``mpi_subflow``: its own cluster (on SLURM a one-node job unless
+    ``allocation`` says otherwise), closed when it ends.
+    """
+    for field_name, value in (("n_arrays", n_arrays), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TypeError(f"{field_name} must be a whole number >= 1, got {value!r}.")
+    over = {"nodes": 1, "ntasks_per_node": 1}
+    if isinstance(allocation, Mapping):
+        over.update(allocation)
+    alloc = resolve_allocation(allocation if isinstance(allocation, AllocationSpec) else over,
+                               profile, backend)
+    if backend == "slurm":
+        slurm.check_available()
+    with runners.cluster_for_run(alloc, backend) as run:
+        label = name or run.job_name or f"array-{run.token}"
+        sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)
+        return sub(n_arrays=n_arrays, size=size, seed=seed, backend=backend,
+                   job_name=run.job_name, start_timeout=alloc.start_timeout, name=label)
 
 
 # --------------------------------------------------------------------------- composition

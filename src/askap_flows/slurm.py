@@ -156,6 +156,14 @@ def jobs_named(name: str) -> list[JobState]:
     return states
 
 
+def jobs_with_prefix(prefix: str) -> list[tuple[str, str, str, str]]:
+    """(job id, name, state, nodes) of this user's jobs whose name starts with ``prefix-``."""
+    user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
+    out = _slurm(["squeue", "-h", "-u", user, "-o", "%i|%j|%T|%N"])
+    rows = [tuple(line.strip().split("|")) for line in out.splitlines() if line.count("|") == 3]
+    return [r for r in rows if r[1].startswith(f"{prefix}-")]
+
+
 def job_info(job_id: str) -> dict[str, str]:
     """``scontrol show job`` as a dict (empty when SLURM no longer knows the job)."""
     try:

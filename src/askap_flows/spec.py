@@ -271,6 +271,7 @@ def build_specs(
     profile: str | os.PathLike | None = None,
     allocation: Mapping[str, Any] | None = None,
     mpi: Mapping[str, Any] | None = None,
+    check: bool = True,
 ) -> tuple[AllocationSpec, MPISpec]:
     """Layer explicit values over the profile over the defaults, validate, and check the fit."""
     sections = read_profile(profile)
@@ -284,12 +285,28 @@ def build_specs(
         mpi_spec = MPISpec(**mpi_values)
     except TypeError as exc:
         raise SpecError(f"mpi{where}: {exc}") from None
-    check_fits(mpi_spec, alloc)
+    if check:
+        check_fits(mpi_spec, alloc)
     return alloc, mpi_spec
 
 
 def _explicit(values: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def _profile_for(profile, backend: str, needed: bool):
+    if backend not in BACKENDS:
+        raise SpecError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+    if profile is not None or not needed:
+        return profile
+    profile = os.environ.get(PROFILE_ENV) or ("local" if backend == "local" else None)
+    if profile is None:
+        raise SpecError(
+            "the slurm backend needs a profile that says which partition and network "
+            "interfaces to use: pass profile='testbed' (the test bed), a YAML path, or set "
+            "ASKAP_FLOWS_PROFILE. `askap-flows profiles` lists the packaged ones."
+        )
+    return profile
 
 
 def resolve_specs(
@@ -299,22 +316,11 @@ def resolve_specs(
     backend: str,
 ) -> tuple[AllocationSpec, MPISpec]:
     """The specs of one sub-flow: given specs win, mappings layer over the profile; checked."""
-    if backend not in BACKENDS:
-        raise SpecError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
-    if profile is None and backend == "local":
-        profile = os.environ.get("ASKAP_FLOWS_PROFILE") or "local"
-    if profile is None and not (isinstance(mpi_spec, MPISpec)
-                                and isinstance(allocation, AllocationSpec)):
-        profile = os.environ.get("ASKAP_FLOWS_PROFILE")
-        if profile is None:
-            raise SpecError(
-                "the slurm backend needs a profile that says which partition and network "
-                "interfaces to use: pass profile='testbed' (the test bed), a YAML path, or set "
-                "ASKAP_FLOWS_PROFILE. `askap-flows profiles` lists the packaged ones."
-            )
+    given = isinstance(mpi_spec, MPISpec) and isinstance(allocation, AllocationSpec)
+    profile = _profile_for(profile, backend, needed=not given)
     alloc_over = allocation if isinstance(allocation, Mapping) else None
     mpi_over = mpi_spec if isinstance(mpi_spec, Mapping) else None
-    alloc, spec = build_specs(profile, allocation=alloc_over, mpi=mpi_over)
+    alloc, spec = build_specs(profile, allocation=alloc_over, mpi=mpi_over, check=False)
     if isinstance(allocation, AllocationSpec):
         alloc = allocation
     if isinstance(mpi_spec, MPISpec):
@@ -323,3 +329,19 @@ def resolve_specs(
         spec = dataclasses.replace(spec, launcher="mpiexec")
     check_fits(spec, alloc)
     return alloc, spec
+
+
+def resolve_allocation(
+    allocation: AllocationSpec | Mapping[str, Any] | None,
+    profile: str | os.PathLike | None,
+    backend: str,
+) -> AllocationSpec:
+    """The allocation alone (for sub-flows without an MPI step), layered like resolve_specs."""
+    if isinstance(allocation, AllocationSpec):
+        _profile_for(profile, backend, needed=False)
+        return allocation
+    section = read_profile(_profile_for(profile, backend, needed=True))["allocation"]
+    try:
+        return AllocationSpec(**{**section, **_explicit(allocation)})
+    except TypeError as exc:
+        raise SpecError(f"allocation: {exc}") from None
