@@ -6,8 +6,9 @@ slurm     the 3-node test bed (scripts/slurm_testbed.sh up; SLURM_CONF from its 
 postgres  PostgreSQL's binaries
 
 With CI=true a missing service makes its tests fail; elsewhere they are skipped with the reason.
-A Prefect server (sqlite, in a temporary PREFECT_HOME) is started once for the session, before
-any test module imports Prefect, unless PREFECT_API_URL is already set.
+A Prefect server on a real PostgreSQL (scripts/postgres_database.sh, loopback, temporary dirs) is
+started once for the session, before any test module imports Prefect, unless PREFECT_API_URL is
+already set.
 """
 
 from __future__ import annotations
@@ -36,8 +37,36 @@ def pytest_configure(config):
     if not os.environ.get("PREFECT_API_URL"):
         from askap_flows.server import PrefectServer
 
-        _server = PrefectServer(Path(os.environ["PREFECT_HOME"])).start()
+        _server = PrefectServer(Path(os.environ["PREFECT_HOME"]),
+                                database_url=_start_session_postgres()).start()
         os.environ["PREFECT_API_URL"] = _server.api_url
+
+
+_pg_dir = None
+
+
+def _start_session_postgres() -> str | None:
+    """A real PostgreSQL (scripts/postgres_database.sh) behind the session's Prefect server:
+    Prefect 3's server on sqlite answers 503 from 4 concurrent sub-flows on. None: use sqlite."""
+    global _pg_dir
+    script = ROOT / "scripts" / "postgres_database.sh"
+    if shutil.which("pg_ctl") is None and not list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")):
+        if IN_CI:
+            raise pytest.UsageError("CI=true and PostgreSQL is missing (scripts/test.sh installs it)")
+        return None
+    from askap_flows.server import free_port
+
+    _pg_dir = Path(tempfile.mkdtemp(prefix="askap-session-pg-", dir="/tmp"))
+    _pg_dir.chmod(0o755)  # the server runs as user postgres when we are root
+    data = _pg_dir / "pg"
+    start = subprocess.run(["bash", str(script), "start", "--dir", str(data), "--address",
+                            "127.0.0.1", "--port", str(free_port())], capture_output=True, text=True)
+    if start.returncode != 0:
+        raise pytest.UsageError(f"could not start the session's PostgreSQL:\n{start.stderr}")
+    for line in start.stdout.splitlines():
+        if line.startswith("export PREFECT_API_DATABASE_CONNECTION_URL="):
+            return line.split("=", 1)[1].strip().strip("'\"")
+    raise pytest.UsageError(f"postgres_database.sh printed no URL:\n{start.stdout}")
 
 
 def pytest_unconfigure(config):
@@ -49,6 +78,10 @@ def pytest_unconfigure(config):
         except Exception:
             pass
         _server.stop()
+    if _pg_dir is not None:
+        subprocess.run(["bash", str(ROOT / "scripts" / "postgres_database.sh"), "stop", "--dir",
+                        str(_pg_dir / "pg")], capture_output=True)
+        shutil.rmtree(_pg_dir, ignore_errors=True)
     if _tmp_home:
         shutil.rmtree(_tmp_home, ignore_errors=True)
 
