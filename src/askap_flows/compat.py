@@ -7,8 +7,10 @@ No other module checks Prefect's version. What is the same in both (flow/task de
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 PREFECT_VERSION = version("prefect")
 PREFECT_MAJOR = int(PREFECT_VERSION.split(".")[0])
@@ -70,6 +72,24 @@ def pool_settings(pool_size: int, max_overflow: int, pool_timeout: float,
     if POOL_TIMEOUT_VAR is not None:
         env[POOL_TIMEOUT_VAR] = f"{pool_timeout:g}"
     return env
+
+
+def known_migrations(dialect: str) -> set[str]:
+    """Alembic revisions of the installed Prefect's database schema ("postgresql" or "sqlite").
+
+    A database whose revision is not among them was migrated by another Prefect version (2.20
+    cannot start on a database that 3.x has migrated).
+    """
+    import prefect
+
+    sub = "migrations" if PREFECT_MAJOR < 3 else "_migrations"
+    folder = Path(prefect.__file__).parent / "server" / "database" / sub / "versions" / dialect
+    found = set()
+    for path in folder.glob("*.py"):
+        m = re.search(r'^revision\s*=\s*["\']([0-9a-f]+)["\']', path.read_text(), re.M)
+        if m:
+            found.add(m.group(1))
+    return found
 
 
 def current_dask_client():

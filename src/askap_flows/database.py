@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -37,6 +38,8 @@ SQLITE_MAX_CONCURRENT = 4
 SQLITE_LIMIT_ENV = "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT"
 POSTGRES_SCHEME = "postgresql+asyncpg"
 SQLITE_SCHEME = "sqlite+aiosqlite"
+#: a pool larger than this per engine buys nothing: the server's request handling saturates first
+POOL_SIZE_CAP = 40
 
 
 class DatabaseError(RuntimeError):
@@ -49,8 +52,8 @@ class DatabaseError(RuntimeError):
 class DatabaseURL:
     """A parsed Prefect database URL (sqlite+aiosqlite or postgresql+asyncpg)."""
 
-    url: str
-    dialect: str  # "sqlite" or "postgresql"
+    url: str = field(repr=False)  # holds the password
+    dialect: str = "postgresql"  # "sqlite" or "postgresql"
     host: str | None = None
     port: int | None = None
     user: str | None = None
@@ -152,35 +155,77 @@ def check_reachable(url: str | DatabaseURL, timeout: float = 5.0) -> None:
     db = parse_url(url) if isinstance(url, str) else url
     if db.is_sqlite:
         _check_sqlite(db)
-        return
-    try:
-        _run_async(_pg_connect(db, timeout))
-    except Exception as exc:  # noqa: BLE001 - every cause becomes one clear message
-        raise DatabaseError(_pg_message(db, exc, timeout)) from None
+        revisions = _sqlite_revisions(db)
+    else:
+        try:
+            revisions = _run_async(_pg_connect(db, timeout))
+        except Exception as exc:  # noqa: BLE001 - every cause becomes one clear message
+            raise DatabaseError(_pg_message(db, exc, timeout)) from None
+    check_schema(db, revisions)
 
 
-def _check_sqlite(db: DatabaseURL) -> None:
-    if not db.database or db.database.startswith((":memory:", "file::memory:")):
-        return
-    path = Path(db.database)
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
-    target = path if path.exists() else parent
-    if target is None or not os.access(target, os.W_OK):
+def check_schema(db: DatabaseURL, revisions: list[str]) -> None:
+    """The database's schema revision must be one the installed Prefect knows (or none yet)."""
+    unknown = sorted(set(revisions) - compat.known_migrations(db.dialect))
+    if unknown:
+        where = db.database if db.is_sqlite else f"database '{db.database}' at {db.host}:{db.port}"
         raise DatabaseError(
-            f"Prefect's sqlite database {path} cannot be written: {target} is not writable by "
-            "this user. Fix: point PREFECT_HOME at a writable directory "
-            "(source scripts/prefect_env.sh DIR), or use PostgreSQL "
-            f"({PG_SCRIPT} start)."
+            f"{where} was migrated by another Prefect version: its schema revision "
+            f"{', '.join(unknown)} is unknown to the installed Prefect {compat.PREFECT_VERSION}, "
+            "whose server would fail to start on it. Prefect 2 and 3 (and an older release after "
+            "a newer one) cannot share a database. Fix: give each Prefect version its own "
+            f"database ('{PG_SCRIPT} start --db prefect{compat.PREFECT_MAJOR} --dir DIR' creates "
+            "one; for sqlite another PREFECT_HOME). The existing database is left untouched."
         )
 
 
-async def _pg_connect(db: DatabaseURL, timeout: float) -> None:
+def _sqlite_revisions(db: DatabaseURL) -> list[str]:
+    import sqlite3
+
+    path = Path(db.database or "")
+    if not db.database or not path.is_file():
+        return []
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            return [row[0] for row in conn.execute("SELECT version_num FROM alembic_version")]
+    except sqlite3.Error:  # no table yet (a new database), or a busy file: the server will tell
+        return []
+
+
+def _check_sqlite(db: DatabaseURL) -> None:
+    """The file (and its directory, for sqlite's journal) can be written; the directory is
+    created as the server would."""
+    if not db.database or db.database.startswith((":memory:", "file::memory:")):
+        return
+    path = Path(db.database)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as exc:
+        raise DatabaseError(
+            f"Prefect's sqlite database {path} cannot be written ({exc.strerror}: "
+            f"{exc.filename or path.parent}). Fix: point PREFECT_HOME at a writable directory "
+            "(source scripts/prefect_env.sh DIR), or use PostgreSQL "
+            f"({PG_SCRIPT} start)."
+        ) from None
+
+
+async def _pg_connect(db: DatabaseURL, timeout: float) -> list[str]:
+    """Connect, and read the schema revision (none for a new database)."""
     import asyncpg
 
     conn = await asyncpg.connect(host=db.host, port=db.port, user=db.user, password=db.password,
                                  database=db.database, timeout=timeout)
     try:
-        await conn.fetchval("SELECT 1", timeout=timeout)
+        if not await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL",
+                                   timeout=timeout):
+            return []  # a new database: the server creates the schema
+        rows = await conn.fetch("SELECT version_num FROM alembic_version", timeout=timeout)
+        return [r[0] for r in rows]
     finally:
         await conn.close(timeout=timeout)
 
@@ -287,7 +332,7 @@ def size_pool(max_concurrent: int, max_connections: int = 100) -> PoolSettings:
     if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
         raise ValueError(f"max_concurrent must be a whole number >= 1, got {max_concurrent!r}.")
     budget = max(15, int(max_connections * 0.6))  # leave room for other clients
-    pool_size = min(5 + max_concurrent, budget // 2)
+    pool_size = min(5 + max_concurrent, POOL_SIZE_CAP, budget // 2)
     max_overflow = max(10, min(pool_size, budget - pool_size))
     return PoolSettings(pool_size=max(pool_size, 5), max_overflow=max_overflow,
                         pool_timeout=60.0, connect_timeout=10.0)
@@ -339,7 +384,7 @@ def check_sqlite_concurrency(db: DatabaseURL, max_concurrent: int, limit: int) -
             f"refusing to run {max_concurrent} concurrent sub-flows against sqlite "
             f"({db.database}). Prefect's server on sqlite has one writer at a time: measured "
             "with Prefect 3.9.1, it answered '503 Service Unavailable' (database is locked) from "
-            "4 concurrent sub-flows and lost runs from 60; Prefect 2.20 failed at 140. "
+            "4 concurrent sub-flows and lost runs from 60. "
             f"At most {limit} run against sqlite. Fix: use PostgreSQL:\n"
             f"  {PG_SCRIPT} start --dir DIR --interface IF      # prints the URL\n"
             f"  eval \"$({PG_SCRIPT} url --dir DIR)\"\n"
@@ -365,6 +410,8 @@ def check_server(api_url: str, timeout: float = 15.0) -> None:
         with urllib.request.urlopen(f"{base}/ready", timeout=timeout) as r:
             r.read()
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403, 404, 405):  # no /ready here (e.g. Prefect Cloud): nothing to say
+            return
         body = exc.read().decode(errors="replace")
         try:
             body = json.loads(body).get("message", body)
@@ -394,12 +441,12 @@ class Plan:
 
     def describe(self) -> str:
         if self.url is None:
-            return "the server at PREFECT_API_URL"
+            return "the Prefect server at PREFECT_API_URL and its database answer"
         db = parse_url(self.url)
         if db.is_sqlite:
             return f"sqlite {db.database}"
         pool = self.pool
-        return (f"PostgreSQL {db.where}, pool {pool.pool_size}+{pool.max_overflow}"
+        return (f"PostgreSQL {db.where}, server pool {pool.pool_size}+{pool.max_overflow}"
                 if pool else f"PostgreSQL {db.where}")
 
 
