@@ -3,7 +3,9 @@
  *
  * Every rank prints exactly one line that askap_flows.mpi.parse_ranks() reads:
  *
- *   ASKAP_MPI_HELLO rank=<r> size=<n> processor=<name> host=<hostname> allreduce=<sum> expected=<n(n-1)/2>
+ *   ASKAP_MPI_HELLO rank=<r> size=<n> processor=<name> host=<hostname> allreduce=<sum> expected=<n(n-1)/2> cpus=<c>
+ *
+ * (cpus is $SLURM_CPUS_PER_TASK as srun set it for the rank, or '-').
  *
  * The allreduce sums the ranks over MPI_COMM_WORLD, so a correct value proves that the ranks
  * formed one world and really communicated (not N singleton worlds started side by side).
@@ -43,8 +45,9 @@ int main(int argc, char **argv)
 
     MPI_Allreduce(&rank, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
 
-    printf("ASKAP_MPI_HELLO rank=%d size=%d processor=%s host=%s allreduce=%d expected=%d\n",
-           rank, size, name, host, sum, size * (size - 1) / 2);
+    const char *cpus = getenv("SLURM_CPUS_PER_TASK");
+    printf("ASKAP_MPI_HELLO rank=%d size=%d processor=%s host=%s allreduce=%d expected=%d cpus=%s\n",
+           rank, size, name, host, sum, size * (size - 1) / 2, cpus ? cpus : "-");
     fflush(stdout);
 
     if (rank == fail_rank) {

@@ -64,9 +64,19 @@ setup_venv() {  # setup_venv MAJOR -> venv with the pinned set and the project (
   local want; want=$(cat "$cons" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing the pinned Prefect $major set into $venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -c "$cons" -e "${ROOT}[test]" \
+    # mpi4py from source: it then links the MPI of the test bed (Debian's MPICH, mpicc on PATH);
+    # the PyPI wheel looks for libmpi.so.12, which Debian's MPICH does not ship under that name
+    # (-O0: the generated C is large and only the test bed uses it; a build takes minutes at -O2)
+    CFLAGS="${CFLAGS:--O0}" "$venv/bin/pip" install -q --disable-pip-version-check \
+      --no-binary mpi4py -c "$cons" -e "${ROOT}[test]" \
       > "$OUT/pip-prefect$major.log" 2>&1 || { tail -20 "$OUT/pip-prefect$major.log"; die "pip install failed (log: $OUT/pip-prefect$major.log)"; }
     echo "$want" > "$stamp"
+  fi
+  if ! "$venv/bin/python" -c 'from mpi4py import MPI' >/dev/null 2>&1; then
+    log "rebuilding mpi4py in $venv against $(command -v mpicc)"
+    CFLAGS="${CFLAGS:--O0}" "$venv/bin/pip" install -q --disable-pip-version-check --no-binary mpi4py \
+      --force-reinstall --no-deps -c "$cons" mpi4py > "$OUT/pip-mpi4py-prefect$major.log" 2>&1 \
+      || die "mpi4py did not build (log: $OUT/pip-mpi4py-prefect$major.log)"
   fi
 }
 

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -129,13 +130,26 @@ def hello_program() -> str:
     return str(mpi.build_hello())
 
 
+def dask_workers() -> set[int]:
+    """PIDs of Dask worker processes on this machine (SLURM jobs' workers run here too)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()
+            if "distributed.cli.dask_worker" in line and "ps -eo" not in line}
+
+
 @pytest.fixture
 def no_jobs_left():
-    """Asserts after the test that no askap_flows job is left in SLURM."""
+    """Asserts after the test that no askap_flows job is left in SLURM, and that no Dask worker
+    process the test's jobs started outlived them."""
+    before = dask_workers()
     yield
     out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout
     left = [line for line in out.splitlines() if line.startswith("askapflows")]
     assert not left, f"jobs left behind: {left}"
+    deadline = time.monotonic() + 20  # SLURM's KillWait is 5 s on the test bed
+    while (dask_workers() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not dask_workers() - before, f"Dask workers outlived their jobs: {dask_workers() - before}"
 
 
 def run_main(*args: str, env: dict | None = None, timeout: float = 600, cwd=None):

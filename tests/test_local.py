@@ -3,6 +3,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -34,17 +36,19 @@ def _fake_slurm(tmp_path):
 
 def test_main_job_with_defaults_needs_no_slurm(tmp_path):
     fake = _fake_slurm(tmp_path)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "ASKAP_FLOWS_HOME": str(tmp_path / "home"),
-           "PREFECT_HOME": "", "PREFECT_API_URL": "", "SLURM_CONF": ""}
-    env = {k: v for k, v in env.items()}
-    r = run_main(env=env, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_HOME", "PREFECT_API_URL", "SLURM_CONF", "ASKAP_FLOWS_HOME")}
+    env["PATH"] = f"{fake}:{os.environ['PATH']}"
+    r = subprocess.run([sys.executable, "-m", "askap_flows.run"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for i in range(4):
         assert f"mpi-{i}" in r.stdout
     assert "4 completed, 0 failed" in r.stdout
     assert "Prefect UI for this run: http://127.0.0.1:" in r.stderr
     assert not (tmp_path / "slurm-called").exists()
-    assert (tmp_path / "home" / "bin" / "mpi_hello_world").exists()
+    assert (tmp_path / ".askap_flows" / "bin" / "mpi_hello_world").exists()  # project-local
+    assert (tmp_path / ".askap_flows" / "prefect").is_dir()
 
 
 def test_main_job_json_output(tmp_path):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import mpi, slurm
-from .spec import BACKENDS, SpecError, packaged_profiles, read_profile, resolve_specs
+from .spec import BACKENDS, SpecError, packaged_profiles, read_profile
 
 
 def cmd_build_mpi(args) -> int:
@@ -28,8 +28,10 @@ def cmd_profiles(args) -> int:
 
 
 def cmd_render(args) -> int:
+    from .run import cli_specs
+
     read_profile(args.profile)  # a clear error for a bad profile before anything else
-    alloc, spec = resolve_specs(None, None, args.profile, args.backend)
+    alloc, spec = cli_specs(args)
     program = args.program or spec.program or str(mpi.default_program())
     if args.backend == "slurm":
         kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-RUNID",
@@ -204,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="testbed", help="profile name or YAML path")
     r.add_argument("--backend", choices=BACKENDS, default="slurm")
     r.add_argument("--program", help="MPI program (default: the check program)")
+    r.add_argument("--nodes", type=int, help="nodes of the job and the MPI step (overrides the profile)")
+    r.add_argument("--ntasks", type=int, help="MPI ranks (overrides the profile)")
     r.set_defaults(func=cmd_render)
     c = sub.add_parser("cleanup", help="list (and with --yes cancel) SLURM jobs left by "
                                        "askap_flows pipelines that died")

@@ -152,7 +152,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> None:
             raise slurm.SlurmError(
                 f"SLURM job {seen.job_id} ({job_name}) on {seen.nodelist or '?'} ended ({state}, "
                 f"reason: {reason}) while its sub-flow was still running. Its output is in "
-                f"{mpi.askap_home() / 'logs'}/{seen.job_id}.err."
+                f"{mpi.askap_home() / 'logs'}/{job_name}-{seen.job_id}.err."
             )
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(
@@ -328,14 +328,17 @@ def run_subflows(
 
     if not calls:
         return []
+    runners.shutting_down.clear()  # a new composition: an earlier interrupt is over
     pool = ThreadPoolExecutor(max_workers=min(max_concurrent, len(calls)),
                               thread_name_prefix="askap-subflow")
     futures = [pool.submit(one, i, c, contextvars.copy_context()) for i, c in enumerate(calls)]
     try:
-        return [f.result() for f in futures]
+        results = [f.result() for f in futures]
     except BaseException:  # Ctrl-C, SIGTERM, SystemExit: cancel every job, leave nothing running
         runners.cancel_everything()
-        pool.shutdown(wait=True, cancel_futures=True)
+        # no waiting here: under Prefect 2 the running sub-flows wait for this thread's flow
+        # engine, so joining them would deadlock; with their jobs cancelled they end by themselves
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
-    finally:
-        pool.shutdown(wait=True)
+    pool.shutdown(wait=True)
+    return results

@@ -36,6 +36,7 @@ class RankRecord:
     host: str
     allreduce: int
     expected: int
+    cpus: str = "-"  # $SLURM_CPUS_PER_TASK of the rank ('-' outside SLURM)
 
     @property
     def allreduce_ok(self) -> bool:
@@ -85,7 +86,7 @@ def parse_ranks(text: str) -> list[RankRecord]:
             records.append(RankRecord(
                 rank=int(kv["rank"]), size=int(kv["size"]), processor=kv["processor"],
                 host=kv.get("host", kv["processor"]), allreduce=int(kv["allreduce"]),
-                expected=int(kv["expected"]),
+                expected=int(kv["expected"]), cpus=kv.get("cpus", "-"),
             ))
         except (KeyError, ValueError):
             continue

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,11 +26,30 @@ EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
-def install_signal_handlers() -> None:
-    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread, which cancels every
-    sub-flow's job (dask_jobqueue's import turned Ctrl-C into a bare sys.exit())."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+_interrupted = threading.Event()
+
+
+def install_signal_handlers(say) -> None:
+    """Ctrl-C / SIGTERM: cancel every SLURM job of the run, kill its MPI steps and let the
+    sub-flows fail; the pipeline then ends with a summary and exit code 130. Nothing is raised
+    into Prefect's machinery (Prefect 2 was seen to hang in its teardown after an interrupt).
+    A second signal, or a pipeline still running 60 s later, ends the process at once."""
+
+    def after_signal() -> None:
+        from .runners import cancel_everything
+
+        cancelled = cancel_everything()
+        say(f"cancelled {len(cancelled)} SLURM job(s) and killed the running MPI steps")
+        time.sleep(60)
+        say("the pipeline did not stop within 60 s of the signal: exiting now")
+        os._exit(EXIT_INTERRUPTED)
+
+    def interrupt(signum, frame) -> None:
+        if _interrupted.is_set():
+            os._exit(EXIT_INTERRUPTED)
+        _interrupted.set()
+        say(f"received {signal.Signals(signum).name}: stopping this run (again to stop at once)")
+        threading.Thread(target=after_signal, daemon=True, name="askap-interrupt").start()
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
@@ -92,9 +112,10 @@ def cli_specs(args):
 
 def prepare_environment() -> Path:
     home = mpi.askap_home()
-    os.environ.setdefault(mpi.HOME_ENV, str(home))
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name, value in ((mpi.HOME_ENV, str(home)), ("PREFECT_HOME", str(home / "prefect")),
+                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+        if not os.environ.get(name):  # unset or empty
+            os.environ[name] = value
     return home
 
 
@@ -187,7 +208,7 @@ def _run(args, alloc, spec, program, say) -> int:
 
     from .flows import mpi_subflow, run_subflows
 
-    install_signal_handlers()
+    install_signal_handlers(say)
 
     names = [f"mpi-{i}" for i in range(args.subflows)]
     started = time.monotonic()
@@ -214,8 +235,14 @@ def _run(args, alloc, spec, program, say) -> int:
         f"{args.max_concurrent} at once, {spec.ntasks} ranks on {spec.nodes} node(s) each ...")
     try:
         outcomes = pipeline(args.subflows, args.max_concurrent)
-    except KeyboardInterrupt:
-        say("interrupted: every SLURM job of this run was cancelled and its clusters closed")
+    except BaseException as exc:  # Prefect 3 turns SIGTERM into its own TerminationSignal
+        if not (_interrupted.is_set() or isinstance(exc, (KeyboardInterrupt, SystemExit))
+                or type(exc).__name__ == "TerminationSignal"):
+            raise
+        from .runners import cancel_everything
+
+        cancel_everything()
+        say("interrupted: no SLURM job of this run is left")
         return EXIT_INTERRUPTED
     rows = []
     for o in outcomes:
@@ -235,8 +262,16 @@ def _run(args, alloc, spec, program, say) -> int:
     else:
         print(summary_table(rows))
         print(f"{len(rows) - failed} completed, {failed} failed in {wall:.1f} s")
+    if _interrupted.is_set():
+        say("interrupted: no SLURM job of this run is left")
+        return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == EXIT_INTERRUPTED:  # jobs cancelled, server stopped: do not wait for stuck threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

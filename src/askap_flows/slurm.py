@@ -47,6 +47,14 @@ def job_directives(alloc: AllocationSpec) -> list[str]:
     return d + list(alloc.extra_directives)
 
 
+def local_dir_export(alloc: AllocationSpec) -> list[str]:
+    """The Dask worker's scratch directory, as a quoted export (dask-jobqueue would write
+    ``--local-directory`` unquoted into the worker's command line)."""
+    if not alloc.local_directory:
+        return []
+    return [f"export DASK_TEMPORARY_DIRECTORY={shlex.quote(alloc.local_directory)}"]
+
+
 def env_exports(env: Mapping[str, str]) -> list[str]:
     """``export NAME=value`` lines (values shell-quoted) for the variables a job must carry."""
     return [f"export {k}={shlex.quote(env[k])}" for k in EXPORTED_ENV if env.get(k)]
@@ -65,6 +73,9 @@ def cluster_kwargs(
     One job of ``alloc.nodes`` nodes, one single-process Dask worker in it, and ``n_workers=1`` so
     the cluster submits that job as soon as it exists (no call to ``scale`` needed).
     """
+    if '"' in log_directory or "\n" in log_directory:
+        raise SlurmError(f"the log directory {log_directory!r} contains a double quote or a line "
+                         "break, which a job script cannot hold: set ASKAP_FLOWS_HOME elsewhere.")
     scheduler_options: dict[str, Any] = {"dashboard_address": dashboard_address}
     if alloc.scheduler_interface:
         scheduler_options["interface"] = alloc.scheduler_interface
@@ -80,14 +91,17 @@ def cluster_kwargs(
         job_name=job_name,
         interface=alloc.interface,
         nanny=False,
-        python=alloc.python or sys.executable,
-        local_directory=alloc.local_directory,
-        log_directory=log_directory,
+        # `exec`: the worker replaces the batch shell, so SLURM's signals and its final SIGKILL
+        # reach it directly. Started as a child, it outlived cancelled jobs as an orphan (the
+        # shell died first and the worker, reparented to init, escaped the job's process tracking).
+        python=f"exec {shlex.quote(alloc.python or sys.executable)}",
         shebang="#!/usr/bin/env bash",
         scheduler_options=scheduler_options,
         job_directives_skip=["-n 1"],
-        job_extra_directives=job_directives(alloc),
-        job_script_prologue=env_exports(env) + list(alloc.prologue),
+        # our own --output/--error: dask-jobqueue's log_directory lines are not quoted
+        job_extra_directives=job_directives(alloc) + [
+            f'--output="{log_directory}/%x-%j.out"', f'--error="{log_directory}/%x-%j.err"'],
+        job_script_prologue=env_exports(env) + local_dir_export(alloc) + list(alloc.prologue),
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -33,6 +33,7 @@ _WALLTIME = re.compile(
     r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"  # D-HH[:MM[:SS]]
     r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"  # MM | MM:SS | HH:MM:SS
 )
+_DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]+=@%/-]+$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 
 
@@ -117,6 +118,23 @@ class AllocationSpec:
         object.__setattr__(
             self, "extra_directives", _str_tuple("extra_directives", self.extra_directives)
         )
+        for name in ("partition", "account", "qos", "reservation", "clusters", "constraint",
+                     "interface", "scheduler_interface"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _DIRECTIVE_VALUE.match(value)):
+                raise SpecError(
+                    f"{name} {value!r} cannot go into a job script: use letters, digits and "
+                    "SLURM's own punctuation (,:._-&|*![]), no spaces, quotes or ;."
+                )
+        for name in ("prologue", "extra_directives"):
+            for line in getattr(self, name):
+                if "\n" in line or "\r" in line:
+                    raise SpecError(f"{name} entry {line!r} contains a line break: give one line "
+                                    "per list entry.")
+        for name in ("python", "local_directory"):
+            value = getattr(self, name)
+            if value is not None and ("\n" in str(value) or "\"" in str(value)):
+                raise SpecError(f"{name} {value!r} contains a line break or a double quote.")
 
     @property
     def total_tasks(self) -> int:
