@@ -90,8 +90,9 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_wrong_type_in_profile_is_named(tmp_path):
     p = tmp_path / "t.yaml"
     p.write_text("mpi:\n  ntasks: many\n")
-    with pytest.raises(SpecError, match="ntasks must be a whole number >= 1, got 'many'"):
+    with pytest.raises(SpecError) as e:
         build_specs(p)
+    assert str(e.value) == f"mpi (profile {p}): ntasks must be a whole number >= 1, got 'many'."
 
 
 def test_missing_profile_path_and_unknown_name():

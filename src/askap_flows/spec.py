@@ -293,16 +293,15 @@ def build_specs(
 ) -> tuple[AllocationSpec, MPISpec]:
     """Layer explicit values over the profile over the defaults, validate, and check the fit."""
     sections = read_profile(profile)
-    where = f" (profile {profile})" if profile else ""
-    try:
-        alloc = AllocationSpec(**{**sections["allocation"], **_explicit(allocation)})
-    except TypeError as exc:
-        raise SpecError(f"allocation{where}: {exc}") from None
-    mpi_values = {**sections["mpi"], **_explicit(mpi)}
-    try:
-        mpi_spec = MPISpec(**mpi_values)
-    except TypeError as exc:
-        raise SpecError(f"mpi{where}: {exc}") from None
+    path = _profile_path(profile)
+    where = f" (profile {path})" if path else ""
+    built = []
+    for name, cls, explicit in (("allocation", AllocationSpec, allocation), ("mpi", MPISpec, mpi)):
+        try:
+            built.append(cls(**{**sections[name], **_explicit(explicit)}))
+        except (TypeError, SpecError) as exc:  # name the section and the file the value came from
+            raise SpecError(f"{name}{where}: {exc}") from None
+    alloc, mpi_spec = built
     if check:
         check_fits(mpi_spec, alloc)
     return alloc, mpi_spec
