@@ -115,6 +115,28 @@ def error_texts(text: str, limit: int = 5) -> dict[str, object]:
     return {"counts": dict(counts), "examples": list(first.values())[:limit]}
 
 
+def api_states(api_url: str) -> dict[str, int]:
+    """How many flow runs the server holds, per state type (also after a timeout)."""
+    import urllib.request
+
+    counts: Counter[str] = Counter()
+    offset = 0
+    try:
+        while True:
+            req = urllib.request.Request(
+                f"{api_url}/flow_runs/filter", method="POST",
+                data=json.dumps({"limit": 200, "offset": offset}).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                page = json.loads(r.read())
+            counts.update(run["state_type"] for run in page)
+            offset += len(page)
+            if len(page) < 200:
+                return dict(counts)
+    except OSError as exc:
+        return {"error": str(exc)}  # type: ignore[dict-item]
+
+
 def run_config(name: str, url: str, settings: dict[str, str], args, work: Path) -> dict:
     from askap_flows.database import parse_url
     from askap_flows.server import PrefectServer
@@ -146,6 +168,7 @@ def run_config(name: str, url: str, settings: dict[str, str], args, work: Path) 
         timed_out = True
     finally:
         sampler.stop()
+        states = api_states(server.api_url)
         server.stop()
     try:
         data = json.loads(r.stdout)
@@ -160,6 +183,7 @@ def run_config(name: str, url: str, settings: dict[str, str], args, work: Path) 
         "pools": name, "server_settings": settings, "subflows": args.subflows,
         "max_concurrent": args.max_concurrent, "exit_code": r.returncode, "timed_out": timed_out,
         "failed": failed, "wall_seconds": round(wall, 1), "peak_db_connections": sampler.peak,
+        "flow_run_states_in_api": states,
         "subflow_errors": errors[:10], "job_log_errors": error_texts(r.stderr),
         "server_log_errors": error_texts(server_log),
     }
