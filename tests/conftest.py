@@ -130,6 +130,12 @@ def hello_program() -> str:
     return str(mpi.build_hello())
 
 
+def askap_jobs(prefix: str = "askapflows") -> list[str]:
+    """'name id' of the SLURM jobs whose name starts with ``prefix``."""
+    out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.startswith(prefix)]
+
+
 def dask_workers() -> set[int]:
     """PIDs of Dask worker processes on this machine (SLURM jobs' workers run here too)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
@@ -142,9 +148,9 @@ def no_jobs_left():
     """Asserts after the test that no askap_flows job is left in SLURM, and that no Dask worker
     process the test's jobs started outlived them."""
     before = dask_workers()
+    jobs_before = set(askap_jobs())
     yield
-    out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout
-    left = [line for line in out.splitlines() if line.startswith("askapflows")]
+    left = sorted(set(askap_jobs()) - jobs_before)  # jobs of other runs on the bed do not count
     assert not left, f"jobs left behind: {left}"
     deadline = time.monotonic() + 20  # SLURM's KillWait is 5 s on the test bed
     while (dask_workers() - before) and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import dask_workers, run_main
+from conftest import askap_jobs, dask_workers, run_main
 
 
 def _port(url):
@@ -132,9 +132,8 @@ def test_array_subflow_on_slurm(no_jobs_left):
     assert res.job_id and res.mean > 0
 
 
-def _jobs():
-    out = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
-    return [j for j in out.split() if j.startswith("askapflows-")]
+def _jobs(prefix="askapflows-"):
+    return [line.split()[0] for line in askap_jobs(prefix)]
 
 
 @pytest.mark.slurm
@@ -142,7 +141,9 @@ def _jobs():
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hello_program):
     profile = tmp_path / "sleepy.yaml"
-    profile.write_text("allocation:\n  nodes: 1\n  ntasks_per_node: 1\n  partition: debug\n"
+    prefix = f"sigtest{os.getpid()}{sig.value}"  # only this test's jobs are watched
+    profile.write_text(f"allocation:\n  job_name_prefix: {prefix}\n"
+                       "  nodes: 1\n  ntasks_per_node: 1\n  partition: debug\n"
                        "  interface: lo\n  scheduler_interface: lo\n"
                        "mpi:\n  nodes: 1\n  ntasks: 1\n  args: ['--sleep', '120']\n")
     home = tmp_path / "home"
@@ -153,14 +154,15 @@ def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hell
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "ASKAP_FLOWS_HOME": str(home)})
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the MPI steps are running
+    while time.monotonic() < deadline:  # wait until the MPI steps of this run's jobs are running
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        steps = subprocess.run(["squeue", "-h", "-s", "-o", "%i %j"], capture_output=True,
-                               text=True).stdout
-        if steps.count("mpi_hello") >= 3 or steps.count(".0 ") >= 3:
+        ids = [line.split()[1] for line in askap_jobs(prefix)]
+        steps = subprocess.run(["squeue", "-h", "-s", "-o", "%i"], capture_output=True,
+                               text=True).stdout.split()
+        if len(ids) == 3 and all(f"{i}.0" in steps for i in ids):
             break
         time.sleep(0.5)
-    assert len(_jobs()) == 3, "the three jobs never ran"
+    assert len(_jobs(prefix)) == 3, "the three jobs never ran"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -168,9 +170,9 @@ def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hell
     # itself 60 s after the signal (the message differs, the outcome below does not)
     assert "interrupted: no SLURM job of this run is left" in err or "exiting now" in err, err[-3000:]
     deadline = time.monotonic() + 30
-    while _jobs() and time.monotonic() < deadline:
+    while _jobs(prefix) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _jobs() == []
+    assert _jobs(prefix) == []
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     stray = [line for line in ps.splitlines() if str(home) in line or "--sleep 120" in line]
     assert stray == []
