@@ -78,3 +78,15 @@ def test_failing_subflow_does_not_stop_its_siblings(tmp_path):
     outcomes = parent()
     assert [o.ok for o in outcomes] == [True, False, True]
     assert "exited with code" in str(outcomes[1].error)
+
+
+def test_in_process_workers_run_without_the_profiler():
+    """CPython 3.11.7 deadlocks in sys._current_frames() with dozens of in-process profilers."""
+    import dask
+
+    from askap_flows.runners import local_runner
+    from askap_flows.spec import resolve_allocation
+
+    with dask.config.set({"distributed.worker.profile.enabled": True}):
+        local_runner(resolve_allocation(None, None, "local"))
+        assert dask.config.get("distributed.worker.profile.enabled") is False

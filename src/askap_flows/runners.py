@@ -15,6 +15,7 @@ from typing import Iterator
 
 # dask_jobqueue 0.9 installs a signal handler when first imported; that only works in the main
 # thread, and sub-flows start their clusters from worker threads. Import it here, at module top.
+import dask
 import dask_jobqueue  # noqa: F401
 from prefect_dask import DaskTaskRunner
 
@@ -32,6 +33,10 @@ LOCAL_HOST = "127.0.0.1"
 
 def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunner:
     """A threaded LocalCluster of one worker; only its dashboard listens, on loopback."""
+    # In-process workers share this interpreter. Each one's statistical profiler calls
+    # sys._current_frames() every 10 ms; with dozens of them CPython 3.11.7 deadlocks there
+    # (cpython#106883: the run hangs with every thread waiting). Separate SLURM workers keep it.
+    dask.config.set({"distributed.worker.profile.enabled": False})
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs=dict(
@@ -100,10 +105,7 @@ def cancel_everything() -> list[str]:
     with _active_lock:
         names = list(_active_jobs)
     for name in names:
-        try:
-            shell.run(["scancel", "--name", name], check=False, timeout=30)
-        except shell.CommandError:
-            pass
+        slurm.cancel_named(name, wait=0)
     shell.terminate_all()
     return names
 

@@ -200,16 +200,21 @@ def hostnames(nodelist: str) -> list[str]:
 
 
 def cancel_named(name: str, wait: float = 30.0) -> list[str]:
-    """Cancel every job with this name and wait until squeue no longer lists them."""
+    """Cancel every job with this name; wait up to ``wait`` s until squeue no longer lists them.
+
+    ``scancel`` runs even when squeue cannot answer (on shutdown, cancelling matters most).
+    Returns the ids of the jobs squeue listed before the cancel.
+    """
     try:
         jobs = [j.job_id for j in jobs_named(name)]
     except SlurmError:
-        return []
-    if not jobs:
-        return []
-    shell.run(["scancel", "--name", name], check=False, timeout=30)
+        jobs = []
+    try:
+        shell.run(["scancel", "--name", name], check=False, timeout=30)
+    except shell.CommandError:  # scancel missing or hanging: nothing more can be done here
+        return jobs
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and jobs_named(name):
+    while jobs and time.monotonic() < deadline and jobs_named(name):
         time.sleep(0.2)
     return jobs
 
