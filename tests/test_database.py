@@ -36,7 +36,6 @@ ADDRESS = "127.0.0.2"
 BOUND = 8
 #: CPython < 3.11.9 can deadlock when several threads call sys._current_frames() at once
 #: (python/cpython#106883); every in-process Dask worker's profiler does that every 10 ms.
-NO_DASK_PROFILER = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
 
 
 def free_port(host: str = ADDRESS) -> int:
@@ -471,7 +470,7 @@ def test_140_subflows_against_a_postgres_backed_server(postgres, hello_program, 
     with PrefectServer(tmp_path / "prefect", plan.url, settings=plan.server_env) as server:
         started = time.monotonic()
         r = run_main("--subflows", "140", "--max-concurrent", str(BOUND), "--ntasks", "1",
-                     "--json", env=clean_env(PREFECT_API_URL=server.api_url, **NO_DASK_PROFILER),
+                     "--json", env=clean_env(PREFECT_API_URL=server.api_url),
                      timeout=800)
         wall = time.monotonic() - started
         assert r.returncode == 0, r.stderr[-4000:]
@@ -495,7 +494,7 @@ def test_main_job_starts_its_own_server_on_postgres(postgres, hello_program, tmp
     db = f"own{compat.PREFECT_MAJOR}"
     url = postgres.start(db)
     env = clean_env(PREFECT_API_URL="", PREFECT_HOME=str(tmp_path / "prefect"),
-                    **{compat.DATABASE_URL_VARS[0]: url}, **NO_DASK_PROFILER)
+                    **{compat.DATABASE_URL_VARS[0]: url})
     r = run_main("--subflows", "2", "--max-concurrent", "2", "--ntasks", "1", env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (f"starting a Prefect server for this run (PostgreSQL {ADDRESS}:{postgres.port}/{db}, "
