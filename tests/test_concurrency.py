@@ -59,16 +59,6 @@ def test_each_invocation_gets_its_own_cluster(hello_program):
 
 
 @pytest.mark.mpi
-def test_100_local_subflows_all_complete_on_distinct_ports(tmp_path, hello_program):
-    r = run_main("--subflows", "100", "--ntasks", "1", "--max-concurrent", "4", "--json",
-                 "--program", hello_program, cwd=tmp_path, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    subs = json.loads(r.stdout)["subflows"]
-    assert [s["state"] for s in subs] == ["completed"] * 100
-    assert len({_port(s["dashboard"]) for s in subs}) == 100
-
-
-@pytest.mark.mpi
 def test_two_pipelines_started_together_share_no_port(tmp_path, hello_program):
     cmd = [sys.executable, "-m", "askap_flows.run", "--subflows", "20", "--ntasks", "1",
            "--max-concurrent", "2", "--json", "--program", hello_program]

@@ -477,6 +477,8 @@ def test_140_subflows_against_a_postgres_backed_server(postgres, hello_program, 
         data = json.loads(r.stdout)
         assert data["failed"] == 0
         assert [s["state"] for s in data["subflows"]] == ["completed"] * 140
+        # each sub-flow's own cluster had its own dashboard port
+        assert len({s["dashboard"].split(":")[2] for s in data["subflows"]}) == 140
         print(f"140 sub-flows, at most {BOUND} at once: {wall:.1f} s")
 
         parents, children = subflow_runs(server.api_url, "askap-pipeline")
