@@ -157,7 +157,7 @@ def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hell
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     # Prefect 2 may hang in its own teardown after the jobs are gone; the main job then ends
-    # itself 60 s after the signal (the message differs, the outcome below does not)
+    # itself 30 s after the signal (the message differs, the outcome below does not)
     assert "interrupted: no SLURM job of this run is left" in err or "exiting now" in err, err[-3000:]
     deadline = time.monotonic() + 30
     while _jobs(prefix) and time.monotonic() < deadline:

@@ -2,9 +2,12 @@
 
 import json
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -90,3 +93,27 @@ def test_in_process_workers_run_without_the_profiler():
     with dask.config.set({"distributed.worker.profile.enabled": True}):
         local_runner(resolve_allocation(None, None, "local"))
         assert dask.config.get("distributed.worker.profile.enabled") is False
+
+
+def test_twice_interrupted_run_leaves_no_prefect_server(tmp_path, hello_program):
+    """Two Ctrl-C end the main job at once; the Prefect server it started must not outlive it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "askap_flows.run", "--subflows", "1", "--ntasks", "1",
+         "--program", hello_program],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    ui = None
+    for line in proc.stderr:  # interrupted as soon as the sub-flows start
+        if "Prefect UI for this run:" in line:
+            ui = line.split("Prefect UI for this run:")[1].split()[0]
+        if line.startswith("running 1 sub-flow"):
+            break
+    assert ui, "the main job never reported its Prefect server"
+    port = int(ui.rstrip("/").rsplit(":", 1)[1])
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    with pytest.raises(OSError):  # nothing listens where the run's server was
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

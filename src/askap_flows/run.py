@@ -27,26 +27,38 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
 _interrupted = threading.Event()
+_own_server: PrefectServer | None = None  # the server this run started, stopped on every exit
+GIVE_UP_AFTER = 30.0  # seconds after a signal before the main job stops waiting for Prefect
+
+
+def _exit_now() -> None:
+    """End the process at once, but never leave the run's own Prefect server behind."""
+    if _own_server is not None:
+        _own_server.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def install_signal_handlers(say) -> None:
     """Ctrl-C / SIGTERM: cancel every SLURM job of the run, kill its MPI steps and let the
     sub-flows fail; the pipeline then ends with a summary and exit code 130. Nothing is raised
     into Prefect's machinery (Prefect 2 was seen to hang in its teardown after an interrupt).
-    A second signal, or a pipeline still running 60 s later, ends the process at once."""
+    A second signal, or a pipeline still running GIVE_UP_AFTER s later, ends the process at once
+    (after stopping the run's own Prefect server)."""
 
     def after_signal() -> None:
         from .runners import cancel_everything
 
         cancelled = cancel_everything()
         say(f"cancelled {len(cancelled)} SLURM job(s) and killed the running MPI steps")
-        time.sleep(60)
-        say("the pipeline did not stop within 60 s of the signal: exiting now")
-        os._exit(EXIT_INTERRUPTED)
+        time.sleep(GIVE_UP_AFTER)
+        say(f"the pipeline did not stop within {GIVE_UP_AFTER:g} s of the signal: exiting now")
+        _exit_now()
 
     def interrupt(signum, frame) -> None:
         if _interrupted.is_set():
-            os._exit(EXIT_INTERRUPTED)
+            _exit_now()
         _interrupted.set()
         say(f"received {signal.Signals(signum).name}: stopping this run (again to stop at once)")
         threading.Thread(target=after_signal, daemon=True, name="askap-interrupt").start()
@@ -170,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc}")
         return EXIT_USAGE
 
+    global _own_server
     quiet_prefect_console(args.verbose)
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         say(f"starting a Prefect server for this run ({db.describe()}) ...")
         try:
-            server = PrefectServer(Path(os.environ["PREFECT_HOME"]), db.url,
-                                   settings=db.server_env).start()
+            server = _own_server = PrefectServer(Path(os.environ["PREFECT_HOME"]), db.url,
+                                                 settings=db.server_env)
+            server.start()
         except ServerError as exc:
             say(f"error: {exc}")
             return EXIT_USAGE
@@ -189,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         _flush_prefect_logs()
         if server is not None:
             server.stop()
+            _own_server = None
 
 
 def _flush_prefect_logs() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -55,7 +54,7 @@ class PrefectServer:
         self._fixed_port = port is not None
         self.log_path = Path(log_path or self.home / "server.log")
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
+        self.proc = None  # the server process (subprocess.Popen) while it runs
 
     @property
     def api_url(self) -> str:
@@ -75,10 +74,7 @@ class PrefectServer:
             env.update(self.settings)
             env["PREFECT_HOME"] = str(self.home)
             argv = compat.server_command(self.host, port)
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env,
-                                             start_new_session=True)
+            self.proc = shell.start_background(argv, self.log_path, env)
             self.port = port
             deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline:

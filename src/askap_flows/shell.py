@@ -147,6 +147,16 @@ def run(
     return Completed(argv, proc.returncode, "\n".join(out), "\n".join(err), seconds)
 
 
+def start_background(argv: Sequence[str], log_path: str | os.PathLike,
+                     env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start a long-running service (a Prefect server) in a session of its own, its output
+    appended to ``log_path``. The caller stops it with ``kill_group(proc, grace)``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=None if env is None else dict(env),
+                                start_new_session=True)
+
+
 def kill_group(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM the process group of ``proc``, then SIGKILL it after ``grace`` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
