@@ -97,3 +97,22 @@ def test_readme_commands_run(tmp_path):
             assert all("/status" in line for line in lines)  # each sub-flow's dashboard
         if "doctor" in command:
             assert "no check failed" in r.stdout
+
+
+@pytest.mark.mpi
+def test_writing_subflows_example_runs(tmp_path):
+    """docs/writing_subflows.md shows examples/own_programs.py, which runs a C program, an mpi4py
+    program and a wrapped ("container") program, each as a 2-rank world."""
+    example = (ROOT / "examples" / "own_programs.py").read_text()
+    guide = (ROOT / "docs" / "writing_subflows.md").read_text()
+    assert f"```python\n{example}```" in guide, "the guide's example differs from the file"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "own_programs.py")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if re.match(r"^\d ok ", line)}
+    assert sorted(lines) == ["0", "1", "2"], r.stdout[-2000:]
+    for line in lines.values():
+        assert " 0/2 1/2 | " in line  # one world of 2 ranks, not 2 singletons
+    assert str(tmp_path / "build" / "my_mpi_program") in lines["0"]
+    assert "-m askap_flows.mpi_hello" in lines["1"]
+    assert f"{ROOT / 'examples' / 'container.sh'} {tmp_path / 'build' / 'my_mpi_program'}" in lines["2"]
