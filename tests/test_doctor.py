@@ -2,9 +2,10 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import ROOT
 
 from askap_flows import database, doctor
 from askap_flows.doctor import FAIL, OK, SKIP, WARN
@@ -21,7 +22,8 @@ SINFO = "debug*|up|3\nbig|up|2\nbig|up|6\nold|down|4\n"
 
 @pytest.mark.unit
 def test_partitions_exist_are_up_and_large_enough():
-    assert doctor.parse_partitions(SINFO)["big"] == {"available": "up", "nodes": 8, "default": False}
+    big = {"available": "up", "nodes": 8, "default": False}
+    assert doctor.parse_partitions(SINFO)["big"] == big
     assert doctor.partition_check("debug", 3, SINFO).status == OK
     row = doctor.partition_check(None, 2, SINFO)
     assert row.status == OK and "(default) debug" in row.detail
@@ -36,7 +38,8 @@ def test_partitions_exist_are_up_and_large_enough():
 
 @pytest.mark.unit
 def test_mpi_plugin_list_both_formats_and_flavour():
-    old = "MPI plugin types are...\n\tpmix\n\tnone\n\tpmi2\nspecific pmix plugin versions available: pmix_v4\n"
+    old = ("MPI plugin types are...\n\tpmix\n\tnone\n\tpmi2\n"
+           "specific pmix plugin versions available: pmix_v4\n")
     new = "srun: MPI types are...\nsrun: cray_shasta\nsrun: none\nsrun: pmi2\n"
     assert doctor.parse_mpi_list(old) == {"pmix", "none", "pmi2"}
     assert doctor.parse_mpi_list(new) == {"cray_shasta", "none", "pmi2"}
@@ -64,7 +67,8 @@ def test_account_and_reservation():
     active = done("ReservationName=r1 StartTime=2026-01-01T00:00:00 EndTime=2026-12-01T00:00:00 "
                   "Nodes=n[1-3] State=ACTIVE")
     assert doctor.reservation_check("r1", active).status == OK
-    assert doctor.reservation_check("r1", done(active.stdout.replace("ACTIVE", "INACTIVE"))).status == WARN
+    inactive = done(active.stdout.replace("ACTIVE", "INACTIVE"))
+    assert doctor.reservation_check("r1", inactive).status == WARN
 
 
 @pytest.mark.unit
@@ -72,7 +76,8 @@ def test_interfaces_pool_ports_and_table():
     here = {"lo": "127.0.0.1", "ib0": None}
     assert doctor.interface_check("scheduler", "lo", here, must_be_here=True).status == OK
     missing = doctor.interface_check("scheduler", "ib9", here, must_be_here=True)
-    assert missing.status == FAIL and "does not exist" in missing.detail and "ib0, lo" in missing.fix
+    assert missing.status == FAIL and "does not exist" in missing.detail
+    assert "ib0, lo" in missing.fix
     assert doctor.interface_check("worker", "ib0", here, must_be_here=False).status == WARN
     # a server's /admin/settings: Prefect 3 nests the pool, Prefect 2 has flat names
     p3 = {"server": {"database": {"sqlalchemy": {"pool_size": 5, "max_overflow": 10}}}}
@@ -127,7 +132,7 @@ def test_doctor_testbed_profile_is_all_ok(hello_program):
 @pytest.mark.slurm
 @pytest.mark.mpi
 def test_doctor_broken_profile_fails_with_fixes(tmp_path, hello_program):
-    text = (Path(__file__).resolve().parents[1] / "src/askap_flows/profiles/testbed.yaml").read_text()
+    text = (ROOT / "src/askap_flows/profiles/testbed.yaml").read_text()
     text = (text.replace("partition: debug", "partition: nosuchpart")
                 .replace("mpi_plugin: pmi2", "mpi_plugin: pmix")
                 .replace("scheduler_interface: lo", "scheduler_interface: ib9")
@@ -140,7 +145,8 @@ def test_doctor_broken_profile_fails_with_fixes(tmp_path, hello_program):
     rows = statuses(r.stdout)
     for name in ("partition", "MPI plugin", "interface (scheduler)", "reservation"):
         assert rows[name] == FAIL, r.stdout
-    assert "'nosuchpart' does not exist" in r.stdout and "fix: set allocation: partition: to one of debug" in r.stdout
+    assert "'nosuchpart' does not exist" in r.stdout
+    assert "fix: set allocation: partition: to one of debug" in r.stdout
     assert "fix: set mpi: mpi_plugin: pmi2" in r.stdout
     assert "'ib9' does not exist on this host" in r.stdout
     assert "4 check(s) failed" in r.stdout

@@ -1,4 +1,4 @@
-"""Every command in README.md is exercised: run here, run by a named test, or a documented exception.
+"""Every command in README.md is exercised: run here, by a named test, or a documented exception.
 
 The pipeline script in README.md is examples/pipeline.py, character for character, and it runs.
 """
@@ -115,4 +115,5 @@ def test_writing_subflows_example_runs(tmp_path):
         assert " 0/2 1/2 | " in line  # one world of 2 ranks, not 2 singletons
     assert str(tmp_path / "build" / "my_mpi_program") in lines["0"]
     assert "-m askap_flows.mpi_hello" in lines["1"]
-    assert f"{ROOT / 'examples' / 'container.sh'} {tmp_path / 'build' / 'my_mpi_program'}" in lines["2"]
+    wrapped = f"{ROOT / 'examples' / 'container.sh'} {tmp_path / 'build' / 'my_mpi_program'}"
+    assert wrapped in lines["2"]

@@ -62,7 +62,9 @@ def page_text(dom: str) -> str:
 
 
 def browse(url: str, screenshot: Path) -> tuple[str, str]:
-    """Render ``url`` in headless chromium (fresh profile): (visible text, DOM); save a screenshot."""
+    """Render ``url`` in headless chromium (a fresh profile); save a screenshot.
+
+    Returns the visible text and the DOM."""
     with tempfile.TemporaryDirectory(prefix="askap-chromium-") as profile:
         r = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                             "--window-size=1400,1000", "--virtual-time-budget=15000",

@@ -1,4 +1,4 @@
-"""``askap-flows doctor``: check, in seconds, everything a run needs, and say how to fix what is not.
+"""``askap-flows doctor``: check, in seconds, what a run needs, and say how to fix what is not.
 
 Each check is a pure function from what was observed (a command's output, a path, a set of
 interface names) to a :class:`Check` row; ``run_checks`` gathers the observations (subprocesses
@@ -358,10 +358,10 @@ def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
         return rows + [Check(n, SKIP, "SLURM does not answer")
                        for n in ("partition", "account", "reservation", "MPI plugin")]
     rows.append(partition_check(alloc.partition, alloc.nodes, res.stdout))
-    rows.append(account_check(alloc.account, _run(
-        ["sacctmgr", "-n", "-P", "show", "account", alloc.account or "-", "format=Account"])))
-    rows.append(reservation_check(alloc.reservation, _run(
-        ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation or "-"])))
+    rows.append(account_check(alloc.account, alloc.account and _run(
+        ["sacctmgr", "-n", "-P", "show", "account", alloc.account, "format=Account"])))
+    rows.append(reservation_check(alloc.reservation, alloc.reservation and _run(
+        ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation])))
     listed = _run(["srun", "--mpi=list"])
     mpiexec = mpi.find_mpiexec()
     version = _run([mpiexec, "--version"]) if mpiexec else None
