@@ -24,7 +24,7 @@ log() { printf '[test.sh %(%H:%M:%S)T] %s\n' -1 "$*"; }
 die() { log "ERROR: $*"; exit 2; }
 
 # ---------------------------------------------------------------- 1. system packages
-PKGS=(slurm-wlm munge mpich libmpich-dev postgresql shellcheck gcc libc6-dev iproute2)
+PKGS=(slurm-wlm munge mpich libmpich-dev postgresql shellcheck gcc libc6-dev iproute2 chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

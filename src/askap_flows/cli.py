@@ -43,6 +43,26 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from . import doctor
+    from .run import cli_specs, prepare_environment
+
+    if args.max_concurrent < 1:
+        raise SpecError(f"--max-concurrent must be >= 1, got {args.max_concurrent}.")
+    args.nodes = args.ntasks = None
+    prepare_environment()  # the main job's defaults: PREFECT_HOME under ./.askap_flows
+    if args.backend is None:
+        chosen = args.profile or os.environ.get("ASKAP_FLOWS_PROFILE")
+        args.backend = "slurm" if chosen and chosen != "local" else "local"
+    rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent,
+                             specs=lambda: cli_specs(args))
+    print(doctor.render_table(rows))
+    failed = [r.name for r in rows if r.status == doctor.FAIL]
+    print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed
+          else "no check failed")
+    return doctor.exit_code(rows)
+
+
 def cmd_cleanup(args) -> int:
     slurm.check_available()
     jobs = slurm.jobs_with_prefix(args.prefix)
@@ -209,6 +229,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--nodes", type=int, help="nodes of the job and the MPI step (overrides the profile)")
     r.add_argument("--ntasks", type=int, help="MPI ranks (overrides the profile)")
     r.set_defaults(func=cmd_render)
+    d = sub.add_parser("doctor", help="check, in seconds, what a run needs (SLURM, partition, MPI, "
+                                      "Prefect, ports, interfaces); print OK/FAIL with the fix; "
+                                      "exit 1 on any FAIL")
+    d.add_argument("--profile", help="profile name or YAML path (default: 'local' for the local "
+                                     "backend, $ASKAP_FLOWS_PROFILE for slurm)")
+    d.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: slurm when a profile other than 'local' is given, else local")
+    d.add_argument("--max-concurrent", type=int, default=2, metavar="K",
+                   help="sub-flows the run will start at once (default: 2, as the main job)")
+    d.set_defaults(func=cmd_doctor)
     c = sub.add_parser("cleanup", help="list (and with --yes cancel) SLURM jobs left by "
                                        "askap_flows pipelines that died")
     c.add_argument("--prefix", default="askapflows", help="job name prefix (default: askapflows)")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import database, mpi, slurm
+from .progress import Progress
 from .server import PrefectServer, ServerError
 from .spec import BACKENDS, SpecError, check_fits, resolve_specs
 
@@ -159,6 +160,17 @@ def summary_table(rows: list[dict]) -> str:
                      for line in lines)
 
 
+def running_job_ids(prefix: str) -> list[str]:
+    """SLURM job ids of this process's running sub-flows (one squeue call)."""
+    from . import runners
+
+    with runners._active_lock:
+        names = set(runners._active_jobs)
+    if not names:
+        return []
+    return [job_id for job_id, name, _, _ in slurm.jobs_with_prefix(prefix) if name in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -223,33 +235,40 @@ def _run(args, alloc, spec, program, say) -> int:
 
     from .flows import mpi_subflow, run_subflows
 
-    install_signal_handlers(say)
-
     names = [f"mpi-{i}" for i in range(args.subflows)]
     started = time.monotonic()
-    done = {"n": 0}
+    job_ids = (lambda: running_job_ids(alloc.job_name_prefix)) if args.backend == "slurm" else None
+    progress = Progress(len(names), sys.stderr, job_ids=job_ids)
+    install_signal_handlers(progress.say)
 
-    def progress(outcome) -> None:
-        done["n"] += 1
+    def on_done(outcome) -> None:
         name = names[outcome.index]
         if outcome.ok:
             v = outcome.value
             where = f"job {v.job_id} on {','.join(v.nodes)}" if v.job_id else ",".join(v.nodes)
-            say(f"[{done['n']}/{len(names)}] {name} completed: {len(v.ranks)} ranks, {where}")
+            progress.ended(outcome.index, f"{name} completed: {len(v.ranks)} ranks, {where}", True)
         else:
             first = str(outcome.error).splitlines()[0] if str(outcome.error) else type(outcome.error).__name__
-            say(f"[{done['n']}/{len(names)}] {name} FAILED: {first}")
+            progress.ended(outcome.index, f"{name} FAILED: {first}", False)
+
+    def tracked(i: int, call):
+        def run():
+            progress.started(i, names[i])
+            return call()
+        return run
 
     @flow(name="askap-pipeline", validate_parameters=False)
     def pipeline(n: int, max_concurrent: int):
-        calls = [partial(mpi_subflow, spec, alloc, backend=args.backend, profile=args.profile,
-                         program=program, name=names[i]) for i in range(n)]
-        return run_subflows(calls, max_concurrent=max_concurrent, on_done=progress)
+        calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
+                                    profile=args.profile, program=program, name=names[i]))
+                 for i in range(n)]
+        return run_subflows(calls, max_concurrent=max_concurrent, on_done=on_done)
 
     say(f"running {args.subflows} sub-flow(s), backend {args.backend}, at most "
         f"{args.max_concurrent} at once, {spec.ntasks} ranks on {spec.nodes} node(s) each ...")
     try:
-        outcomes = pipeline(args.subflows, args.max_concurrent)
+        with progress:
+            outcomes = pipeline(args.subflows, args.max_concurrent)
     except BaseException as exc:  # Prefect 3 turns SIGTERM into its own TerminationSignal
         if not (_interrupted.is_set() or isinstance(exc, (KeyboardInterrupt, SystemExit))
                 or type(exc).__name__ == "TerminationSignal"):

@@ -73,6 +73,12 @@ class PrefectServer:
             env.update(compat.server_settings(self.database_url))
             env.update(self.settings)
             env["PREFECT_HOME"] = str(self.home)
+            # The UI's own API address. Prefect 3 builds it from its *configured* port (4200), not
+            # the --port given here, so its UI at any other port showed "Can't connect to Server
+            # API at http://127.0.0.1:4200/api". The relative "/api" (Prefect 2's default) also
+            # works through an SSH tunnel, where the browser's host is not the server's.
+            if not (env.get("PREFECT_UI_API_URL") or env.get("PREFECT_SERVER_UI_API_URL")):
+                env["PREFECT_UI_API_URL"] = "/api"
             argv = compat.server_command(self.host, port)
             self.proc = shell.start_background(argv, self.log_path, env)
             self.port = port

@@ -1,0 +1,93 @@
+"""Progress of the main job: plain lines in a log, a live line redrawn in place on a terminal."""
+
+import io
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_main
+
+from askap_flows.progress import CLEAR, Progress, status_line
+
+
+@pytest.mark.unit
+def test_status_line_and_counts():
+    assert status_line(3.2, 2, 1, 4, 0) == "[    3s] 2 queued, 1 running, 4 done, 0 failed"
+    assert status_line(61, 0, 2, 0, 1, ["10", "9"]).endswith("| SLURM jobs 9, 10")
+    out = io.StringIO()
+    p = Progress(3, out, tty=False)
+    with p:
+        p.started(0, "a")
+        p.started(1, "b")
+        p.ended(1, "b FAILED: boom", ok=False)
+        assert p.counts() == (1, 1, 0, 1)
+        p.ended(2, "c not started", ok=False)  # ended without starting (shutting down)
+    assert p.counts() == (0, 1, 0, 2)
+    assert out.getvalue().splitlines() == [
+        "a started (2 queued, 1 running, 0 done, 0 failed)",
+        "b started (1 queued, 2 running, 0 done, 0 failed)",
+        "[1/3] b FAILED: boom", "[2/3] c not started"]
+    tty = io.StringIO()
+    with Progress(1, tty, tty=True, interval=0.05) as p:
+        p.started(0, "a")
+        time.sleep(0.2)  # the background thread redraws the line
+        p.ended(0, "a completed", ok=True)
+    text = tty.getvalue()
+    assert text.count(CLEAR + "[    0s] 0 queued, 1 running") >= 2
+    assert CLEAR + "[1/1] a completed\n" in text and text.endswith(CLEAR)
+
+
+@pytest.mark.mpi
+def test_not_a_tty_gives_plain_lines(tmp_path, hello_program):
+    r = run_main("--subflows", "2", "--ntasks", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert "mpi-0 started (1 queued, 1 running, 0 done, 0 failed)" in lines
+    assert any(line.startswith("[2/2] mpi-") and " completed: 2 ranks" in line for line in lines)
+    assert "2 completed, 0 failed" in r.stdout and r.stdout.startswith("sub-flow  state")
+
+
+def run_in_pty(argv, timeout=300):
+    """Run argv with stdout and stderr on a pseudo-terminal; return (exit code, all output)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                            close_fds=True)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+    os.close(master)
+    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_tty_gets_a_live_line_with_job_ids(tmp_path, hello_program, no_jobs_left):
+    code, out = run_in_pty([sys.executable, "-m", "askap_flows.run", "--backend", "slurm",
+                            "--profile", "testbed", "--subflows", "2", "--nodes", "1",
+                            "--ntasks", "2"])
+    assert code == 0, out[-3000:]
+    redraws = [part for part in out.split("\r\x1b[K") if " queued, " in part]
+    assert len(redraws) >= 2, out[-3000:]  # the line was redrawn in place, not appended
+    assert any("running" in part and "| SLURM job" in part for part in redraws), out[-3000:]
+    assert "started (" not in out  # the plain lines are for logs only
+    assert "2 completed, 0 failed" in out
