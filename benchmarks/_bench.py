@@ -95,6 +95,14 @@ def prefect_server(work: Path, max_concurrent: int, default_pools: bool = False)
                        capture_output=True, env=clean_env(), timeout=120)
 
 
+def quiet_logs() -> None:
+    """Dask's INFO lines (one per client, worker and scheduler close) would bury the progress."""
+    import logging
+
+    for name in ("distributed", "dask_jobqueue", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def versions() -> dict:
     from importlib.metadata import version
 

@@ -192,6 +192,9 @@ def main() -> int:
     tag = uuid.uuid4().hex[:6]
     try:
         with _bench.prefect_server(work, args.runs) as server:
+            import prefect  # noqa: F401 - configures logging; then quiet Dask's
+
+            _bench.quiet_logs()
             if not args.quick:
                 _bench.say("warm-up: one bare job, one sub-flow (not counted)")
                 run_floor(1, alloc, spec, program, work, f"{tag}-warm")
