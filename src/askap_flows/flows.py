@@ -35,6 +35,8 @@ class MPIRunResult:
     seconds: float
     command: list[str]
     ranks: list[mpi.RankRecord] = field(default_factory=list)
+    #: seconds per phase: checks, prefect_start, cluster_start, worker_wait, srun, teardown, total
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -53,6 +55,7 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool) -> dict:
     elif shutil.which(argv[0]) is None:
         _missing(argv[0], slurm.SLURM_INSTALL_HINT)
     logger.info("launching: %s", " ".join(argv))
+    srun_started = time.time()  # wall clock: compared with the sub-flow's, on another host
 
     def log_line(stream: str, line: str) -> None:
         (logger.info if stream == "stdout" else logger.warning)("%s", line)
@@ -69,6 +72,7 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool) -> dict:
         "seconds": res.seconds,
         "command": argv,
         "ranks": ranks,
+        "srun_started": srun_started,
     }
 
 
@@ -80,8 +84,10 @@ def _missing(what: str, hint: str):
 @flow(name="mpi-subflow", validate_parameters=False)
 def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
               job_name: str | None, start_timeout: float) -> MPIRunResult:
+    flow_started = time.time()
     logger = get_run_logger()
     dashboard = _cluster_started(job_name, logger)
+    cluster_ready = time.time()
     future = run_mpi.submit(spec, program, check_ranks)
     if backend == "slurm":
         _watch_job(future, job_name, start_timeout, logger)
@@ -94,7 +100,25 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
         name=job_name or "local", backend=backend, job_id=data["job_id"], nodes=nodes,
         dashboard=dashboard, exit_code=data["exit_code"], seconds=data["seconds"],
         command=data["command"], ranks=data["ranks"],
+        timings={"flow_started": flow_started, "cluster_ready": cluster_ready,
+                 "srun_started": data["srun_started"]},
     )
+
+
+def _phases(called: float, invoked: float, marks: Mapping[str, float], srun: float,
+            returned: float) -> dict:
+    """Where a sub-flow's time went, in seconds. Prefect 2 starts the cluster (and submits its job)
+    before the flow body, so there it is part of prefect_start and cluster_start is ~0."""
+    srun_ended = marks["srun_started"] + srun
+    return {
+        "checks": invoked - called,  # specs, program, sinfo, sbatch --test-only, ports
+        "prefect_start": marks["flow_started"] - invoked,  # flow run created and started
+        "cluster_start": marks["cluster_ready"] - marks["flow_started"],  # Dask cluster, job sbatch
+        "worker_wait": marks["srun_started"] - marks["cluster_ready"],  # job queued -> task running
+        "srun": srun,
+        "teardown": returned - srun_ended,  # result back, flow run ended, cluster closed, job gone
+        "total": returned - called,
+    }
 
 
 def _cluster_started(job_name: str | None, logger) -> str | None:
@@ -184,12 +208,15 @@ def mpi_subflow(
         name: the flow run name (default: the SLURM job name).
 
     Returns:
-        MPIRunResult with the SLURM job id and nodes, the exit code and one record per rank.
+        MPIRunResult with the SLURM job id and nodes, the exit code, one record per rank, and
+        ``timings``: seconds spent starting Prefect, the cluster, waiting for the worker, in the
+        MPI step and in teardown.
 
     Raises:
         SpecError, FileNotFoundError, SlurmError before anything is submitted; CommandError,
         MPIError, SlurmError when the run itself fails. No SLURM job outlives the call.
     """
+    called = time.time()
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
@@ -197,8 +224,11 @@ def mpi_subflow(
     with runners.cluster_for_run(alloc, backend) as run:
         sub = _mpi_flow.with_options(task_runner=run.runner,
                                      flow_run_name=name or run.job_name or f"mpi-{run.token}")
-        return sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
-                   job_name=run.job_name, start_timeout=alloc.start_timeout)
+        invoked = time.time()
+        result = sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
+                     job_name=run.job_name, start_timeout=alloc.start_timeout)
+    result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
+    return result
 
 
 # --------------------------------------------------------------------------- array sub-flow

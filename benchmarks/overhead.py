@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""What an askap_flows sub-flow costs on top of bare SLURM, on the project's SLURM test bed.
+
+Workload W: RUNS MPI runs of the hello program, each on 2 nodes with 4 ranks (2 per node).
+
+* subflows: one parent Prefect flow runs the RUNS ``mpi_subflow(backend="slurm",
+  profile="testbed")`` calls at once through ``run_subflows`` (each builds its own SLURMCluster:
+  one 2-node job whose Dask worker runs the ``srun`` line).
+* floor: the same job scripts (the library's rendered sbatch header and environment) with the Dask
+  worker line replaced by the same ``srun`` line, all submitted with ``sbatch --parsable``;
+  completion is when ``squeue`` stops listing a job as pending/running/completing (polled every
+  0.1 s).
+
+Repetitions are interleaved (floor and sub-flows alternate which goes first); each repetition also
+runs one sub-flow alone and one bare job alone. Prints one JSON object (medians, the ratio, every
+sample, and the sub-flows' phase breakdown from ``MPIRunResult.timings``).
+
+    source /tmp/askap_testbed/env.sh
+    .venvs/prefect3/bin/python benchmarks/overhead.py --out benchmarks/results/overhead.json
+
+Uses PREFECT_API_URL if set; else starts PostgreSQL (scripts/postgres_database.sh) and a Prefect
+server on loopback for the run. Its SLURM jobs are named askapbench-*; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+
+PREFIX = "askapbench"
+MPI = {"nodes": 2, "ntasks": 4, "ntasks_per_node": 2}
+ALLOC = {"nodes": 2, "ntasks_per_node": 2, "job_name_prefix": PREFIX}
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED")
+PHASES = ("checks", "prefect_start", "cluster_start", "worker_wait", "srun", "teardown", "total")
+
+
+# --------------------------------------------------------------------------- the floor
+def floor_script(alloc, spec, program: str, name: str, log_dir: Path) -> str:
+    """The sub-flow's own job script (rendered by the library) running the srun line itself."""
+    from askap_flows import mpi, slurm
+
+    kwargs = slurm.run_cluster_kwargs(alloc, name, log_dir)
+    lines = slurm.render_job_script(kwargs).splitlines()
+    worker = [i for i, line in enumerate(lines) if "distributed.cli.dask_worker" in line]
+    assert len(worker) == 1, "the rendered job script has no single Dask worker line"
+    lines[worker[0]] = shlex.join(mpi.launch_command(spec, program))
+    return "\n".join(lines) + "\n"
+
+
+def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
+    """Submit n job scripts with sbatch --parsable; poll squeue every 0.1 s until all are done."""
+    from askap_flows import mpi
+
+    log_dir = work / "floor"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    scripts = []
+    for i in range(n):
+        name = f"{PREFIX}-floor-{tag}-{i}"
+        path = log_dir / f"{name}.sh"
+        path.write_text(floor_script(alloc, spec, program, name, log_dir))
+        scripts.append((name, path))
+    submitted: dict[str, float] = {}
+    names: dict[str, str] = {}
+    started = time.monotonic()
+    for name, path in scripts:
+        t = time.monotonic()
+        out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        job_id = out.split(";")[0]
+        submitted[job_id], names[job_id] = t, name
+    ended: dict[str, float] = {}
+    ids = ",".join(submitted)
+    while len(ended) < n:
+        out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True,
+                             text=True).stdout
+        now = time.monotonic()
+        active = {line.split()[0] for line in out.splitlines()
+                  if len(line.split()) == 2 and line.split()[1] in ACTIVE}
+        for job_id in submitted:
+            if job_id not in active and job_id not in ended:
+                ended[job_id] = now
+        if now - started > 600:
+            raise SystemExit(f"floor jobs {ids} did not finish within 600 s")
+        time.sleep(0.1)
+    wall = max(ended.values()) - started
+    failures = []
+    for job_id, name in names.items():
+        text = (log_dir / f"{name}-{job_id}.out").read_text(errors="replace")
+        try:
+            mpi.check_world(mpi.parse_ranks(text), spec)
+        except mpi.MPIError as exc:
+            failures.append(f"job {job_id}: {exc}")
+    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(failures),
+            "errors": failures[:3],
+            "latencies": sorted(round(ended[j] - submitted[j], 3) for j in submitted)}
+
+
+# --------------------------------------------------------------------------- the sub-flows
+def run_subflow_batch(n: int, program: str, tag: str) -> dict:
+    """n mpi_subflow calls at once inside one parent flow; wall time around the parent call."""
+    from prefect import flow
+
+    from askap_flows.flows import mpi_subflow, run_subflows
+
+    latencies: dict[int, float] = {}
+
+    def timed(i: int):
+        t = time.monotonic()
+        try:
+            return mpi_subflow(MPI, ALLOC, backend="slurm", profile="testbed", program=program,
+                               name=f"{PREFIX}-{tag}-{i}")
+        finally:
+            latencies[i] = time.monotonic() - t
+
+    @flow(name="bench-overhead", validate_parameters=False)
+    def parent(count: int):
+        return run_subflows([functools.partial(timed, i) for i in range(count)],
+                            max_concurrent=count)
+
+    started = time.monotonic()
+    outcomes = parent(n)
+    wall = time.monotonic() - started
+    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
+              for o in outcomes if not o.ok]
+    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != MPI["ntasks"]]
+    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
+            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
+            "timings": [{k: round(v, 3) for k, v in o.value.timings.items()}
+                        for o in outcomes if o.ok]}
+
+
+# --------------------------------------------------------------------------- summary
+def summarize(samples: list[dict], key: str) -> dict:
+    walls = [s["wall_seconds"] for s in samples]
+    lat = [v for s in samples for v in s["latencies"]]
+    return {"median_wall_seconds": _bench.median(walls),
+            "median_latency_seconds": _bench.median(lat),
+            "failures": sum(s["failures"] for s in samples), "runs": len(samples), "kind": key}
+
+
+def breakdown(samples: list[dict]) -> dict:
+    rows = [t for s in samples for t in s.get("timings", [])]
+    return {p: _bench.median([r[p] for r in rows if p in r]) for p in PHASES}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def cleanup_jobs() -> None:
+    """Cancel this benchmark's jobs (askapbench-*) that are still queued, if any."""
+    from askap_flows import slurm
+
+    for job_id, *_ in slurm.jobs_with_prefix(PREFIX):
+        subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=8, help="MPI runs in the workload (default 8)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 2 runs, 1 repetition, no warm-up or single-run comparison")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+    if args.quick:
+        args.runs, args.reps = 2, 1
+    if not os.environ.get("SLURM_CONF"):
+        raise SystemExit("SLURM_CONF is not set: run `scripts/slurm_testbed.sh up` and "
+                         "`source /tmp/askap_testbed/env.sh` first.")
+
+    work = _bench.work_dir("askap_overhead_")
+    _bench.bench_environment(work)
+    from askap_flows import mpi, slurm
+    from askap_flows.spec import resolve_specs
+
+    slurm.check_available()
+    alloc, spec = resolve_specs(MPI, ALLOC, "testbed", "slurm")
+    program = str(mpi.build_hello())
+    load_before = _bench.load()
+    reps: list[dict] = []
+    tag = uuid.uuid4().hex[:6]
+    try:
+        with _bench.prefect_server(work, args.runs) as server:
+            import prefect  # noqa: F401 - configures logging; then quiet Dask's
+
+            _bench.quiet_logs()
+            if not args.quick:
+                _bench.say("warm-up: one bare job, one sub-flow (not counted)")
+                run_floor(1, alloc, spec, program, work, f"{tag}-warm")
+                run_subflow_batch(1, program, f"{tag}-warm")
+            for r in range(args.reps):
+                order = ("floor", "subflows") if r % 2 == 0 else ("subflows", "floor")
+                rep: dict = {"order": list(order)}
+                for kind in order:
+                    _bench.say(f"repetition {r + 1}/{args.reps}: {kind} x {args.runs}")
+                    rep[kind] = (run_floor(args.runs, alloc, spec, program, work, f"{tag}-{r}")
+                                 if kind == "floor" else
+                                 run_subflow_batch(args.runs, program, f"{tag}-{r}"))
+                if not args.quick:
+                    for kind in order:
+                        rep[f"{kind}_single"] = (
+                            run_floor(1, alloc, spec, program, work, f"{tag}-{r}-single")
+                            if kind == "floor" else
+                            run_subflow_batch(1, program, f"{tag}-{r}-single"))
+                reps.append(rep)
+    finally:
+        cleanup_jobs()
+    summary = {k: summarize([r[k] for r in reps if k in r], k)
+               for k in ("floor", "subflows", "floor_single", "subflows_single")
+               if any(k in r for r in reps)}
+    for kind in ("floor", "subflows"):
+        summary[kind]["label"] = f"W = {args.runs} runs"
+    result = {
+        "benchmark": "overhead",
+        "quick": args.quick,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "versions": _bench.versions(),
+        "load_average_before": load_before,
+        "load_average_after": _bench.load(),
+        "prefect_server": server,
+        "workload": {"runs": args.runs, "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
+                     "srun": mpi.launch_command(spec, program), "reps": args.reps},
+        "summary": summary,
+        "ratio_wall": ratio(summary["subflows"]["median_wall_seconds"],
+                            summary["floor"]["median_wall_seconds"]),
+        "ratio_latency": ratio(summary["subflows"]["median_latency_seconds"],
+                               summary["floor"]["median_latency_seconds"]),
+        "ratio_single": (ratio(summary["subflows_single"]["median_wall_seconds"],
+                               summary["floor_single"]["median_wall_seconds"])
+                         if "subflows_single" in summary else None),
+        "subflow_breakdown": breakdown([r["subflows"] for r in reps]),
+        "subflow_single_breakdown": (breakdown([r["subflows_single"] for r in reps])
+                                     if "subflows_single" in summary else None),
+        "target_ratio": 1.5,
+        "repetitions": reps,
+    }
+    _bench.write_json(result, args.out)
+    if not os.environ.get("ASKAP_BENCH_KEEP"):
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(s["failures"] == 0 for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
