@@ -116,7 +116,8 @@ def test_node_death_fails_the_subflow_then_a_retry_succeeds_elsewhere(tmp_path, 
     tag = uuid.uuid4().hex[:6]
     two = {"nodes": 2, "ntasks": 2, "ntasks_per_node": 1}
     calls = [
-        partial(mpi_subflow, two, {**two, "exclusive": True, "job_name_prefix": f"fnode{tag}"},
+        partial(mpi_subflow, two, {"nodes": 2, "ntasks_per_node": 1, "exclusive": True,
+                                   "job_name_prefix": f"fnode{tag}"},
                 backend="slurm", profile="testbed", program=program, name=f"target-{tag}",
                 retries=1),
         partial(mpi_subflow, {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
@@ -129,8 +130,12 @@ def test_node_death_fails_the_subflow_then_a_retry_succeeds_elsewhere(tmp_path, 
     runner.start()
     killed = None
     try:
-        target = wait_for(lambda: job_of(f"fnode{tag}-"), 120, "the target's MPI step never ran")
-        sibling = wait_for(lambda: job_of(f"fsib{tag}-"), 120, "the sibling's MPI step never ran")
+        def running(prefix):
+            assert runner.is_alive(), f"the pipeline ended early: {result}"
+            return job_of(prefix)
+
+        target = wait_for(lambda: running(f"fnode{tag}-"), 120, "the target's MPI step never ran")
+        sibling = wait_for(lambda: running(f"fsib{tag}-"), 120, "the sibling's MPI step never ran")
         nodes = hostnames(target[2])
         # not the first node: that one runs the job's Dask worker (see docs/troubleshooting.md)
         killed = nodes[1]
@@ -169,57 +174,56 @@ def test_node_death_fails_the_subflow_then_a_retry_succeeds_elsewhere(tmp_path, 
     assert info == "idle", f"{killed} is {info} after revive-node"
 
 
-# --------------------------------------------------------------------------- 2 + 5. scancel, walltime
+# --------------------------------------------------------------------------- 2. scancel
 @pytest.mark.slurm
 @pytest.mark.mpi
-def test_cancelled_job_and_walltime_end_their_subflows_with_what_happened(tmp_path, hello_program,
-                                                                         no_jobs_left):
+def test_job_cancelled_from_outside_fails_its_subflow_clearly(tmp_path, hello_program,
+                                                             no_jobs_left):
     from askap_flows.flows import mpi_subflow
     from askap_flows.slurm import JobLost
 
     flag = tmp_path / "never"
     program = waiter(tmp_path, hello_program, flag)
     tag = uuid.uuid4().hex[:6]
-    one = {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1}
-    calls = [
-        partial(mpi_subflow, one, {"nodes": 1, "ntasks_per_node": 1, "job_name_prefix": f"fcan{tag}"},
-                backend="slurm", profile="testbed", program=program, name=f"cancel-{tag}",
-                retries=2),
-        partial(mpi_subflow, one, {"nodes": 1, "ntasks_per_node": 1, "walltime": "00:01:00",
-                                   "job_name_prefix": f"fwall{tag}"},
-                backend="slurm", profile="testbed", program=program, name=f"walltime-{tag}"),
-    ]
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(out=in_parent_flow(calls, 2)))
+
+    def call():
+        try:
+            mpi_subflow({"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
+                        {"nodes": 1, "ntasks_per_node": 1, "job_name_prefix": f"fcan{tag}"},
+                        backend="slurm", profile="testbed", program=program,
+                        name=f"cancel-{tag}", retries=2)
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            result["error"] = exc
+
+    runner = threading.Thread(target=call)
     runner.start()
     try:
         cancelled = wait_for(lambda: job_of(f"fcan{tag}-"), 120, "the job to cancel never ran")
         subprocess.run(["scancel", cancelled[0]], check=True)
-        runner.join(timeout=240)  # the walltime job needs its minute (SLURM checks limits late)
-        assert not runner.is_alive(), "a sub-flow hangs after its job was cancelled/timed out"
+        runner.join(timeout=120)
+        assert not runner.is_alive(), "the sub-flow hangs after its job was cancelled"
     finally:
         flag.touch()
         runner.join(timeout=60)
-    cancel_out, wall_out = result["out"]
-    assert isinstance(cancel_out.error, JobLost), repr(cancel_out.error)
-    text = str(cancel_out.error)
+    error = result.get("error")
+    assert isinstance(error, JobLost), repr(error)
+    text = str(error)
     assert f"SLURM job {cancelled[0]}" in text and "was cancelled" in text and "CANCELLED" in text
-    assert "not retried" in text
-    assert f"cancel-{tag}-retry1" not in flow_runs([f"cancel-{tag}-retry1"])
-    assert isinstance(wall_out.error, JobLost), repr(wall_out.error)
-    text = str(wall_out.error)
-    assert "reached its walltime (00:01:00)" in text and "TIMEOUT" in text, text
-    assert "Raise the allocation's walltime" in text
-    assert "worker" not in text.lower()
+    assert "It is not retried" in text
+    runs = flow_runs([f"cancel-{tag}", f"cancel-{tag}-retry1"])
+    assert list(runs) == [f"cancel-{tag}"] and runs[f"cancel-{tag}"]["state_type"] == "FAILED"
 
 
-# --------------------------------------------------------------------------- 3. the program fails
+# --------------------------------------------------------------------------- 3 + 5. program, walltime
 @pytest.mark.slurm
 @pytest.mark.mpi
-def test_failing_programs_report_command_exit_code_and_stderr(tmp_path, hello_program,
-                                                             no_jobs_left):
+def test_failing_programs_and_walltime_say_what_happened(tmp_path, hello_program, no_jobs_left):
+    """Five failing programs, and a job that reaches its walltime, as sub-flows of one parent
+    (concurrently: the walltime takes SLURM 1-2 minutes to enforce)."""
     from askap_flows.flows import mpi_subflow
     from askap_flows.shell import CommandError
+    from askap_flows.slurm import JobLost
 
     tag = uuid.uuid4().hex[:6]
     marker = f"STREAM{tag}"
@@ -256,8 +260,17 @@ sys.exit(3)
         partial(run, {**two, "wrapper": ["env"]}, program=str(missing), name=f"missing-{tag}"),
         partial(run, {**two, "wrapper": ["env"]}, program=str(not_exec), name=f"noexec-{tag}"),
         partial(run, two, program=api_check, name=f"stream-{tag}"),
+        partial(mpi_subflow, {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
+                {**alloc, "walltime": "00:01:00"}, backend="slurm", profile="testbed",
+                program=script(tmp_path / "sleep.sh", "#!/bin/sh\nexec sleep 600\n"),
+                name=f"walltime-{tag}"),
     ]
-    outs = in_parent_flow(calls, 5)
+    outs = in_parent_flow(calls, len(calls))
+    wall = outs.pop().error
+    assert isinstance(wall, JobLost), repr(wall)
+    assert "reached its walltime (00:01:00)" in str(wall) and "TIMEOUT" in str(wall), str(wall)
+    assert "Raise the allocation's walltime" in str(wall)
+    assert "worker" not in str(wall).lower()
     errors = [o.error for o in outs]
     for e in errors:
         assert isinstance(e, CommandError), repr(e)
