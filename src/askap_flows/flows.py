@@ -8,6 +8,8 @@ can be checked before submitting (specs, program, SLURM), builds a fresh task ru
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -57,10 +59,21 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool) -> dict:
     logger.info("launching: %s", " ".join(argv))
     srun_started = time.time()  # wall clock: compared with the sub-flow's, on another host
 
+    srun_errors: list[str] = []  # kept whole: the stderr tail may have lost the first one
+
     def log_line(stream: str, line: str) -> None:
         (logger.info if stream == "stdout" else logger.warning)("%s", line)
+        if line.startswith("srun: error: "):
+            srun_errors.append(line)
 
-    res = shell.run(argv, on_line=log_line, timeout=spec.timeout, env=mpi.program_env(spec))
+    try:
+        res = shell.run(argv, on_line=log_line, timeout=spec.timeout, env=mpi.program_env(spec))
+    except shell.CommandError as exc:
+        hint = mpi.first_failure(srun_errors)
+        if not hint or exc.hint:
+            raise
+        raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,
+                                 exc.reason, hint) from None
     ranks = mpi.parse_ranks(res.stdout)
     if check_ranks or ranks:
         mpi.check_world(ranks, spec)
@@ -89,9 +102,8 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
     dashboard = _cluster_started(job_name, logger)
     cluster_ready = time.time()
     future = run_mpi.submit(spec, program, check_ranks)
-    if backend == "slurm":
-        _watch_job(future, job_name, start_timeout, logger)
-    data = future.result()
+    job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
+    data = _result(future, job, job_name)
     nodes = slurm.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
@@ -142,11 +154,13 @@ def _record_job(job_id: str, job_name: str | None, nodes: list[str], dashboard: 
     )
 
 
-def _watch_job(future, job_name: str, start_timeout: float, logger) -> None:
+def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str, list[str]] | None:
     """Wait for the task while watching its SLURM job: fail clearly when the job cannot start or
-    ends underneath the task (cancelled, node failure, walltime) instead of waiting forever."""
+    ends underneath the task (cancelled, node failure, walltime) instead of waiting forever.
+    Returns the job's id and nodes once the task has finished (None if the job was never seen)."""
     started = time.monotonic()
     seen: slurm.JobState | None = None
+    nodes: list[str] = []
     last_poll = 0.0
     while not compat.future_done(future, timeout=1.0):
         if runners.shutting_down.is_set():
@@ -155,12 +169,15 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> None:
         if now - last_poll < 2.0:
             continue
         last_poll = now
-        jobs = slurm.jobs_named(job_name)
+        # only the job first seen counts: dask-jobqueue may submit a replacement of the same name
+        jobs = [j for j in slurm.jobs_named(job_name) if seen is None or j.job_id == seen.job_id]
         if jobs:
             if seen is None or jobs[0].state != seen.state:
                 logger.info("SLURM job %s is %s (%s)", jobs[0].job_id, jobs[0].state,
                             jobs[0].nodelist or jobs[0].reason)
             seen = jobs[0]
+            if seen.state == "RUNNING" and not nodes:
+                nodes = slurm.hostnames(seen.nodelist)
             if seen.state == "PENDING" and now - started > start_timeout:
                 raise slurm.SlurmError(
                     f"SLURM job {seen.job_id} ({job_name}) was still PENDING after "
@@ -169,21 +186,38 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> None:
                 )
         elif seen is not None:
             if compat.future_done(future, timeout=2.0):
-                return
-            info = slurm.job_info(seen.job_id)
-            state = info.get("JobState", "ended")
-            reason = info.get("Reason", "unknown")
-            raise slurm.SlurmError(
-                f"SLURM job {seen.job_id} ({job_name}) on {seen.nodelist or '?'} ended ({state}, "
-                f"reason: {reason}) while its sub-flow was still running. Its output is in "
-                f"{mpi.askap_home() / 'logs'}/{job_name}-{seen.job_id}.err."
-            )
+                break
+            raise _job_lost(seen.job_id, job_name, nodes)
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(
                 f"no SLURM job named {job_name} appeared within {min(start_timeout, 60.0):g} s: "
                 f"the Dask cluster could not submit it. See {mpi.askap_home() / 'logs'} and run "
                 "`askap-flows render` with the same profile to check the job script."
             )
+    return (seen.job_id, nodes) if seen is not None else None
+
+
+def _job_lost(job_id: str, job_name: str, nodes: list[str]) -> slurm.JobLost:
+    return slurm.job_lost(job_id, job_name, nodes,
+                          f"{mpi.askap_home() / 'logs'}/{job_name}-{job_id}.err")
+
+
+def _result(future, job: tuple[str, list[str]] | None, job_name: str | None):
+    """The task's result; a task that failed because its job ended or lost a node (walltime,
+    node failure, scancel) raises JobLost saying so, not the launcher's or Dask's own error."""
+    try:
+        return future.result()
+    except Exception as exc:
+        if job is None or job_name is None:
+            raise
+        job_id, nodes = job
+        state = slurm.job_info(job_id).get("JobState", "ENDED")
+        if state in ("RUNNING", "COMPLETED") and not slurm.node_problems(nodes):
+            raise  # the program itself failed: its own error says why
+        lost = _job_lost(job_id, job_name, nodes)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        lost.args = (f"{lost.args[0]} The task's own error: {type(exc).__name__}: {first}",)
+        raise lost from exc
 
 
 # --------------------------------------------------------------------------- public sub-flow
@@ -195,6 +229,7 @@ def mpi_subflow(
     profile: str | os.PathLike | None = None,
     program: str | None = None,
     name: str | None = None,
+    retries: int = 0,
 ) -> MPIRunResult:
     """Run an MPI program as a Prefect sub-flow on a Dask cluster built for this call.
 
@@ -206,6 +241,10 @@ def mpi_subflow(
             $ASKAP_FLOWS_PROFILE otherwise).
         program: the MPI executable; default: the packaged hello program (built if missing).
         name: the flow run name (default: the SLURM job name).
+        retries: how often to re-run the sub-flow when its SLURM job loses a node (NODE_FAIL, or
+            a node SLURM reports down): each retry is a new sub-flow run on a new cluster, whose
+            job excludes the failed nodes (``--exclude``). A failing program, a cancel or a
+            walltime is not retried.
 
     Returns:
         MPIRunResult with the SLURM job id and nodes, the exit code, one record per rank, and
@@ -217,18 +256,48 @@ def mpi_subflow(
         MPIError, SlurmError when the run itself fails. No SLURM job outlives the call.
     """
     called = time.time()
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise TypeError(f"retries must be a whole number >= 0, got {retries!r}.")
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
         slurm.check_available()
-    with runners.cluster_for_run(alloc, backend) as run:
-        sub = _mpi_flow.with_options(task_runner=run.runner,
-                                     flow_run_name=name or run.job_name or f"mpi-{run.token}")
-        invoked = time.time()
-        result = sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
-                     job_name=run.job_name, start_timeout=alloc.start_timeout)
-    result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
-    return result
+    attempt = 0
+    while True:
+        label = name and (f"{name}-retry{attempt}" if attempt else name)
+        try:
+            with runners.cluster_for_run(alloc, backend) as run:
+                sub = _mpi_flow.with_options(task_runner=run.runner,
+                                             flow_run_name=label or run.job_name or f"mpi-{run.token}")
+                invoked = time.time()
+                result = sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
+                             job_name=run.job_name, start_timeout=alloc.start_timeout)
+            result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
+            return result
+        except slurm.JobLost as exc:
+            if attempt == retries or not exc.retryable or runners.shutting_down.is_set():
+                raise
+            alloc = _excluding(alloc, exc.failed_nodes)
+            logging.getLogger("askap_flows").warning(
+                "sub-flow %s: SLURM job %s lost node(s) %s; retry %d of %d on a new allocation%s",
+                name or run.job_name, exc.job_id, ",".join(exc.failed_nodes) or "?", attempt + 1,
+                retries, f" excluding {','.join(exc.failed_nodes)}" if exc.failed_nodes else "")
+            attempt += 1
+
+
+def _excluding(alloc: AllocationSpec, nodes: Sequence[str]) -> AllocationSpec:
+    """The allocation with ``--exclude`` for ``nodes`` (merged with an earlier one)."""
+    if not nodes:
+        return alloc
+    excluded = list(nodes)
+    kept = []
+    for d in alloc.extra_directives:
+        if d.startswith("--exclude="):
+            excluded += d.split("=", 1)[1].split(",")
+        else:
+            kept.append(d)
+    directive = "--exclude=" + ",".join(dict.fromkeys(excluded))
+    return dataclasses.replace(alloc, extra_directives=tuple(kept) + (directive,))
 
 
 # --------------------------------------------------------------------------- array sub-flow
@@ -272,9 +341,8 @@ def _array_flow(n_arrays: int, size: int, seed: int, backend: str, job_name: str
     for i in range(1, n_arrays):
         total = add_arrays.submit(total, make_array.submit(seed + i, size))
     future = mean_of.submit(total)
-    if backend == "slurm":
-        _watch_job(future, job_name, start_timeout, logger)
-    data = future.result()
+    job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
+    data = _result(future, job, job_name)
     if data["job_id"]:
         _record_job(data["job_id"], job_name, [data["host"]], dashboard)
     return ArrayResult(name=name, backend=backend, mean=data["mean"], n_arrays=n_arrays, size=size,

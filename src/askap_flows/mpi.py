@@ -73,6 +73,24 @@ def launch_command(spec: MPISpec, program: str | None = None) -> list[str]:
     return argv + list(spec.launcher_args) + list(spec.wrapper) + [prog] + list(spec.args)
 
 
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9,-]+): (?P<what>.+)$")
+
+
+def first_failure(stderr_lines: Sequence[str]) -> str | None:
+    """The first rank failure srun reported (the cause; ranks it then terminated are effects),
+    as a hint for the error message, or None."""
+    failures = [m for m in map(_SRUN_TASK_ERROR.match, (x.strip() for x in stderr_lines)) if m]
+    causes = [m for m in failures if m.group("what") not in ("Terminated", "Killed")] or failures
+    if not causes:
+        return None
+    m = causes[0]
+    tasks = m.group("tasks")
+    word = "task" if tasks.isdigit() else "tasks"
+    return (f"The first rank to fail: {word} {tasks} on {m.group('node')}: "
+            f"{m.group('what')}. (srun's own exit code can be that of the ranks it terminated "
+            "after it; the program's stderr above says why the rank failed.)")
+
+
 # --------------------------------------------------------------------------- ranks
 def parse_ranks(text: str) -> list[RankRecord]:
     """Rank records from the hello program's output, sorted by rank; other lines are ignored."""

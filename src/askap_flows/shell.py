@@ -42,6 +42,10 @@ class CommandError(RuntimeError):
         self.hint = hint
         super().__init__(self._message())
 
+    def __reduce__(self):  # rebuilt whole when it crosses from a Dask worker to the flow
+        return (type(self), (self.argv, self.returncode, self.stdout_tail, self.stderr_tail,
+                             self.reason, self.hint))
+
     def _message(self) -> str:
         lines = [f"command {self.reason}: {shlex.join(self.argv)}"]
         if self.stderr_tail:

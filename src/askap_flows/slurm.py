@@ -35,6 +35,27 @@ class SlurmError(RuntimeError):
     """SLURM refused or lost a job; the message says what SLURM said and what to do."""
 
 
+#: job states after which a fresh allocation (without the failed nodes) may well succeed
+RETRYABLE_STATES = ("NODE_FAIL", "BOOT_FAIL")
+
+
+class JobLost(SlurmError):
+    """A job ended underneath its running sub-flow: its state, SLURM's reason, the nodes it had
+    and those of them SLURM now reports down or not responding."""
+
+    def __init__(self, message: str, job_id: str = "", state: str = "", reason: str = "",
+                 nodes: Sequence[str] = (), failed_nodes: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.job_id, self.state, self.reason = job_id, state, reason
+        self.nodes, self.failed_nodes = list(nodes), list(failed_nodes)
+
+    @property
+    def retryable(self) -> bool:
+        """A node failed: the same request on other nodes may succeed (a walltime, a cancel or a
+        failing program would only fail again)."""
+        return self.state in RETRYABLE_STATES or bool(self.failed_nodes)
+
+
 def job_directives(alloc: AllocationSpec) -> list[str]:
     """The ``#SBATCH`` options beyond what dask-jobqueue writes itself."""
     d = [f"--nodes={alloc.nodes}", f"--ntasks-per-node={alloc.ntasks_per_node}"]
@@ -190,6 +211,60 @@ def job_info(job_id: str) -> dict[str, str]:
             k, v = item.split("=", 1)
             info.setdefault(k, v)
     return info
+
+
+def node_problems(nodes: Sequence[str]) -> dict[str, str]:
+    """Nodes SLURM reports down, drained, failed or not responding ('*'), with SLURM's reason."""
+    if not nodes:
+        return {}
+    try:
+        out = shell.output(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N|%t|%E"],
+                           timeout=30)
+    except shell.CommandError:
+        return {}
+    bad = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) != 3:
+            continue
+        node, state, reason = parts
+        if state.endswith("*") or state.startswith(("down", "drain", "drng", "fail", "maint")):
+            bad[node] = f"{state}" + (f", SLURM reason: {reason}" if reason and reason != "none" else "")
+    return bad
+
+
+def job_lost(job_id: str, job_name: str, nodes: Sequence[str], log_path: str) -> JobLost:
+    """Why a job ended while its sub-flow still needed it, as a JobLost whose message names the
+    job, its nodes, SLURM's state and reason, the failed nodes, and the fix."""
+    info = job_info(job_id)
+    state = info.get("JobState", "ENDED (no longer known to SLURM)")
+    reason = info.get("Reason", "unknown")
+    nodes = list(nodes) or hostnames(info.get("NodeList", ""))
+    problems = node_problems(nodes)
+    where = ",".join(nodes) or "?"
+    head = f"SLURM job {job_id} ({job_name}) on {where}"
+    tail = f" Its output is in {log_path}."
+    if problems:
+        which = "; ".join(f"{n} is {p}" for n, p in problems.items())
+        text = (f"{head} lost node(s) {','.join(problems)} while its sub-flow was running ({which}; "
+                f"job state {state}, reason: {reason}). Pass retries=N to mpi_subflow to re-run "
+                "on a fresh allocation without that node, and tell the cluster's admins.")
+    elif state == "NODE_FAIL":
+        text = (f"{head} ended with NODE_FAIL (reason: {reason}): one of its nodes failed. Pass "
+                "retries=N to mpi_subflow to re-run on a fresh allocation.")
+    elif state == "TIMEOUT":
+        text = (f"{head} reached its walltime ({info.get('TimeLimit', '?')}) and SLURM ended it "
+                "(state TIMEOUT). Raise the allocation's walltime in the profile, or give the "
+                "sub-flow less work.")
+    elif state == "CANCELLED":
+        text = (f"{head} was cancelled while its sub-flow was running (state CANCELLED, reason: "
+                f"{reason}): by scancel (you or an admin), or by dask-jobqueue after the job's "
+                "Dask worker vanished (its node died: check `sinfo -N`). It is not retried; run "
+                "the sub-flow again if the cancel was a mistake.")
+    else:
+        text = (f"{head} ended ({state}, reason: {reason}) while its sub-flow was still running.")
+    return JobLost(text + tail, job_id=job_id, state=state, reason=reason, nodes=nodes,
+                   failed_nodes=list(problems))
 
 
 def hostnames(nodelist: str) -> list[str]:
