@@ -137,7 +137,8 @@ def test_doctor_broken_profile_fails_with_fixes(tmp_path, hello_program):
                 .replace("mpi_plugin: pmi2", "mpi_plugin: pmix")
                 .replace("scheduler_interface: lo", "scheduler_interface: ib9")
                 + "\n")
-    text = text.replace("  start_timeout: 120", "  start_timeout: 120\n  reservation: nosuchres")
+    text = text.replace("  start_timeout: 120",
+                        "  start_timeout: 120\n  reservation: nosuchres\n  account: askaprt")
     profile = tmp_path / "broken.yaml"
     profile.write_text(text)
     r = doctor_cli("--profile", str(profile))
@@ -150,6 +151,7 @@ def test_doctor_broken_profile_fails_with_fixes(tmp_path, hello_program):
     assert "fix: set mpi: mpi_plugin: pmi2" in r.stdout
     assert "'ib9' does not exist on this host" in r.stdout
     assert "4 check(s) failed" in r.stdout
+    assert rows["account"] == SKIP and "no accounting database" in r.stdout  # no slurmdbd here
     assert "Traceback" not in r.stderr
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import run_main
+from conftest import ROOT, askap_jobs, run_main
 
 from askap_flows.progress import CLEAR, Progress, status_line
 
@@ -81,9 +81,15 @@ def run_in_pty(argv, timeout=300):
 
 @pytest.mark.slurm
 @pytest.mark.mpi
-def test_tty_gets_a_live_line_with_job_ids(tmp_path, hello_program, no_jobs_left):
+def test_tty_gets_a_live_line_with_job_ids(tmp_path, hello_program):
+    # the testbed profile with this test's own job names: the shared test bed runs other
+    # askapflows-* jobs meanwhile, and this test must see only its own
+    prefix = f"askapprog{os.getpid()}"
+    profile = tmp_path / "testbed.yaml"
+    profile.write_text((ROOT / "src/askap_flows/profiles/testbed.yaml").read_text().replace(
+        "  start_timeout: 120", f"  start_timeout: 120\n  job_name_prefix: {prefix}"))
     code, out = run_in_pty([sys.executable, "-m", "askap_flows.run", "--backend", "slurm",
-                            "--profile", "testbed", "--subflows", "2", "--nodes", "1",
+                            "--profile", str(profile), "--subflows", "2", "--nodes", "1",
                             "--ntasks", "2"])
     assert code == 0, out[-3000:]
     redraws = [part for part in out.split("\r\x1b[K") if " queued, " in part]
@@ -91,3 +97,4 @@ def test_tty_gets_a_live_line_with_job_ids(tmp_path, hello_program, no_jobs_left
     assert any("running" in part and "| SLURM job" in part for part in redraws), out[-3000:]
     assert "started (" not in out  # the plain lines are for logs only
     assert "2 completed, 0 failed" in out
+    assert not [job for job in askap_jobs(prefix)], "SLURM jobs outlived the run"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT
+from conftest import IN_CI, ROOT, askap_jobs
 
 from askap_flows import compat
 
@@ -82,7 +82,7 @@ def api(api_url: str, path: str, body: dict) -> list[dict]:
         return json.loads(r.read())
 
 
-def test_pipeline_runs_sub_flows_and_artifacts_are_visible_in_the_ui(hello_program, no_jobs_left):
+def test_pipeline_runs_sub_flows_and_artifacts_are_visible_in_the_ui(hello_program):
     from prefect import flow
 
     from askap_flows import array_subflow, mpi_subflow, run_subflows
@@ -91,12 +91,14 @@ def test_pipeline_runs_sub_flows_and_artifacts_are_visible_in_the_ui(hello_progr
     api_url = os.environ["PREFECT_API_URL"].rstrip("/")
     ui = api_url[: -len("/api")]
     parent_name = f"ui-check-{uuid.uuid4().hex[:6]}"
+    prefix = f"askapui{parent_name[-6:]}"  # its own job names: the test bed is shared
 
     @flow(name="ui-pipeline", flow_run_name=parent_name)
     def pipeline():
         calls = [partial(mpi_subflow, {"ntasks": 2}, backend="local", name=f"{parent_name}-mpi"),
                  partial(array_subflow, 2, 1000, backend="local", name=f"{parent_name}-array"),
-                 partial(mpi_subflow, {"nodes": 1, "ntasks": 2}, {"nodes": 1}, backend="slurm",
+                 partial(mpi_subflow, {"nodes": 1, "ntasks": 2},
+                         {"nodes": 1, "job_name_prefix": prefix}, backend="slurm",
                          profile="testbed", name=f"{parent_name}-slurm")]
         return compat.current_flow_run_id(), run_subflows(calls, max_concurrent=3)
 
@@ -104,6 +106,7 @@ def test_pipeline_runs_sub_flows_and_artifacts_are_visible_in_the_ui(hello_progr
     assert all(o.ok for o in outcomes), [str(o.error) for o in outcomes]
     job_id = outcomes[2].value.job_id
     assert job_id
+    assert not askap_jobs(prefix), "the sub-flow's SLURM job outlived it"
 
     subs = {r["name"]: r["id"] for r in api(api_url, "flow_runs/filter", {
         "flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}})}
@@ -127,7 +130,7 @@ def test_pipeline_runs_sub_flows_and_artifacts_are_visible_in_the_ui(hello_progr
 
     text, _ = browse(f"{ui}/artifacts/artifact/{table['id']}", out / "slurm_job_artifact.png")
     assert f"SLURM job {job_id} of this sub-flow" in text, text[:2000]
-    assert "slurm_job_id" in text and "askapflows-" in text and dashboard in text
+    assert "slurm_job_id" in text and f"{prefix}-" in text and dashboard in text
 
     text, dom = browse(f"{ui}/artifacts/artifact/{link['id']}", out / "dashboard_artifact.png")
     assert "Dask dashboard" in text, text[:2000]
