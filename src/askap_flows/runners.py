@@ -7,7 +7,9 @@ and closes it when the flow run ends.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,19 +18,27 @@ from typing import Iterator
 # dask_jobqueue 0.9 installs a signal handler when first imported; that only works in the main
 # thread, and sub-flows start their clusters from worker threads. Import it here, at module top.
 import dask
-import dask_jobqueue  # noqa: F401
+import dask_jobqueue
 from prefect_dask import DaskTaskRunner
 
 from . import mpi, ports, shell, slurm
 from .spec import AllocationSpec
 
-try:  # Many clusters starting at once from threads race on this import (a failed import is only
-    # caught when it happens single-threaded): import it once, here, if bokeh is installed.
-    import distributed.dashboard.scheduler  # noqa: F401
-except ImportError:  # pragma: no cover - bokeh missing: clusters run without a dashboard page
-    pass
-
 LOCAL_HOST = "127.0.0.1"
+
+
+_dashboard_import = threading.Lock()
+
+
+def import_dashboard() -> None:
+    """Import the scheduler's dashboard once, under a lock, before a cluster starts: many clusters
+    starting at once from threads raced on this import. Not at module top: the SLURM jobs' Dask
+    workers import this module with each task, and bokeh costs them 1-2 s while they hold nodes."""
+    with _dashboard_import:
+        try:
+            import distributed.dashboard.scheduler  # noqa: F401
+        except ImportError:  # pragma: no cover - bokeh missing: clusters run without a dashboard
+            pass
 
 
 def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunner:
@@ -48,8 +58,40 @@ def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunn
     )
 
 
+#: seconds a closing cluster waits for its workers to leave (and so end their jobs) before cancelling
+WORKER_EXIT_GRACE = 10.0
+
+
+class SLURMCluster(dask_jobqueue.SLURMCluster):
+    """dask-jobqueue's SLURMCluster whose jobs end with their worker instead of by ``scancel``.
+
+    On close, dask-jobqueue runs ``scancel`` while the worker is still connected; the SIGTERM lands
+    in the worker's own shutdown, which then hung until SLURM's KillWait (3 s on the test bed,
+    30 s by default) with the job's nodes held in COMPLETING and the sub-flow waiting for them.
+    Here the scheduler first closes the workers (no nanny, exec'd: the job ends with its worker),
+    and only jobs still running after WORKER_EXIT_GRACE seconds are cancelled.
+    """
+
+    async def _close(self):
+        names = [job.job_name for job in self.workers.values() if getattr(job, "job_name", None)]
+        if self.scheduler_comm is not None and names and self.status.name == "running":
+            try:
+                await asyncio.wait_for(self.scheduler_comm.retire_workers(
+                    names=list(self.workers), close_workers=True), WORKER_EXIT_GRACE)
+                deadline = time.monotonic() + WORKER_EXIT_GRACE
+                while time.monotonic() < deadline:
+                    jobs = await asyncio.to_thread(lambda: [j for n in set(names)
+                                                            for j in slurm.jobs_named(n)])
+                    if all(j.state == "PENDING" for j in jobs):
+                        break  # ended by themselves (or never started: cancelled below)
+                    await asyncio.sleep(0.1)
+            except Exception:  # noqa: BLE001 - the cancel below is the fallback for every failure
+                pass
+        await super()._close()
+
+
 def slurm_runner(cluster_kwargs: dict) -> DaskTaskRunner:
-    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=cluster_kwargs)
+    return DaskTaskRunner(cluster_class=f"{__name__}.SLURMCluster", cluster_kwargs=cluster_kwargs)
 
 
 @dataclass
@@ -75,6 +117,7 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     ``scancel --name`` here is the safety net for every way a run can end.
     """
     token = uuid.uuid4().hex[:10]
+    import_dashboard()
     if backend == "local":
         with ports.reserve(1, LOCAL_HOST) as held:
             yield RunCluster(local_runner(alloc, held.ports[0]), token, None)

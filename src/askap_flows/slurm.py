@@ -112,6 +112,8 @@ def cluster_kwargs(
         job_name=job_name,
         interface=alloc.interface,
         nanny=False,
+        # no dashboard on the worker: it would import bokeh (1-2 s) while the job holds its nodes
+        worker_extra_args=["--no-dashboard"],
         # `exec`: the worker replaces the batch shell, so SLURM's signals and its final SIGKILL
         # reach it directly. Started as a child, it outlived cancelled jobs as an orphan (the
         # shell died first and the worker, reparented to init, escaped the job's process tracking).
