@@ -305,6 +305,10 @@ sys.exit(3)
     # the hanging program: a timeout, and no rank left on any node (all nodes' processes are here)
     assert isinstance(hang, CommandError), repr(hang)
     assert str(hang).startswith("command timed out after 5 s and was killed: srun"), str(hang)
+    # srun's own report, before the job was cancelled: the ranks on both nodes were killed
+    assert "Job step aborted" in str(hang), str(hang)
+    assert "task 0: Killed" in str(hang) and "task 1: Killed" in str(hang), str(hang)
+    assert "The first rank to fail" not in str(hang)
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert [line for line in ps.splitlines() if f"--sleep {naptime}" in line] == []
 
