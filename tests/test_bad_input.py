@@ -74,3 +74,98 @@ def test_request_slurm_cannot_hold_is_rejected_before_submission(tmp_path, hello
     assert "Nothing was submitted" in r.stderr
     assert "Prefect server" not in r.stderr  # refused before anything started
     _no_traceback(r)
+
+
+# --------------------------------------------------------------------------- hostile input
+HOSTILE = "$(touch {m}1)`touch {m}2`;touch {m}3 && touch {m}4|touch {m}5"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", ["partition", "account", "qos", "constraint", "interface"])
+def test_shell_metacharacters_in_a_directive_value_are_refused(tmp_path, key):
+    marker = tmp_path / "ran"
+    profile = tmp_path / "evil.yaml"
+    import yaml
+
+    profile.write_text(yaml.safe_dump({"allocation": {key: HOSTILE.format(m=marker)}}))
+    r = run_main("--backend", "slurm", "--profile", str(profile), cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert f"{key} " in r.stderr and "cannot go into a job script" in r.stderr, r.stderr
+    assert str(profile) in r.stderr  # the message names the file the value came from
+    assert not list(tmp_path.glob("ran*")), "a command in a profile value ran"
+    _no_traceback(r)
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_shell_metacharacters_in_paths_args_and_env_are_quoted_not_run(tmp_path, hello_program,
+                                                                      no_jobs_left):
+    """Values that may hold any character reach SLURM and the program quoted: the job runs, and
+    no marker file appears."""
+    from askap_flows.flows import mpi_subflow
+
+    marker = tmp_path / "ran"
+    hostile = HOSTILE.format(m=marker)
+    res = mpi_subflow(
+        {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1, "args": [hostile],
+         "env": {"ASKAP_HOSTILE": hostile}},
+        {"nodes": 1, "ntasks_per_node": 1, "local_directory": str(tmp_path / f"scratch {hostile}")},
+        backend="slurm", profile="testbed", program=hello_program)
+    assert res.job_id and len(res.ranks) == 1
+    assert not list(tmp_path.glob("ran*")), "a command in a value ran"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("section,key,value,says", [
+    ("allocation", "walltime", "90 minutes", "is not a SLURM time"),
+    ("allocation", "walltime", "1:2:3:4", "is not a SLURM time"),
+    ("allocation", "walltime", "-01:00:00", "is not a SLURM time"),
+    ("allocation", "memory", "lots", "is not a size"),
+    ("allocation", "memory", "-4GB", "is not a size"),
+    ("allocation", "nodes", -2, "nodes must be a whole number >= 1, got -2"),
+    ("allocation", "ntasks_per_node", 0, "ntasks_per_node must be a whole number >= 1, got 0"),
+    ("mpi", "ntasks", -6, "ntasks must be a whole number >= 1, got -6"),
+    ("mpi", "ntasks", "6", "ntasks must be a whole number >= 1, got '6'"),
+    ("mpi", "timeout", -1, "timeout must be a number of seconds > 0"),
+])
+def test_wrong_forms_and_negative_counts_in_a_profile(tmp_path, section, key, value, says):
+    import yaml
+
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(yaml.safe_dump({section: {key: value}}))
+    r = run_main("--profile", str(profile), cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert says in r.stderr and str(profile) in r.stderr, r.stderr
+    _no_traceback(r)
+
+
+@pytest.mark.unit
+def test_negative_counts_on_the_command_line(tmp_path):
+    r = run_main("--nodes", "-1", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "nodes must be a whole number >= 1, got -1" in r.stderr, r.stderr
+    _no_traceback(r)
+
+
+@pytest.mark.unit
+def test_profile_path_that_does_not_exist(tmp_path):
+    r = run_main("--profile", str(tmp_path / "nowhere" / "p.yaml"), cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert "does not exist. Give an existing YAML file" in r.stderr, r.stderr
+    _no_traceback(r)
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("key,value", [("memory", "900TB"), ("ntasks_per_node", 4096)])
+def test_huge_requests_get_slurms_own_rejection(tmp_path, hello_program, key, value):
+    import yaml
+
+    profile = tmp_path / "huge.yaml"
+    profile.write_text(yaml.safe_dump({"allocation": {"partition": "debug", "interface": "lo",
+                                                      "scheduler_interface": "lo", key: value},
+                                       "mpi": {"nodes": 1, "ntasks": 1}}))
+    r = run_main("--backend", "slurm", "--profile", str(profile), cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert ("SLURM rejected the job before submission: allocation failure: Requested node "
+            "configuration is not available") in r.stderr, r.stderr
+    assert "Nothing was submitted" in r.stderr
+    _no_traceback(r)

@@ -70,8 +70,8 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool) -> dict:
         res = shell.run(argv, on_line=log_line, timeout=spec.timeout, env=mpi.program_env(spec))
     except shell.CommandError as exc:
         hint = mpi.first_failure(srun_errors)
-        if not hint or exc.hint:
-            raise
+        if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
+            raise  # a timeout killed the ranks itself: their deaths are no cause
         raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,
                                  exc.reason, hint) from None
     ranks = mpi.parse_ranks(res.stdout)

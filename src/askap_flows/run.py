@@ -126,7 +126,10 @@ def cli_specs(args):
 def prepare_environment() -> Path:
     home = mpi.askap_home()
     for name, value in ((mpi.HOME_ENV, str(home)), ("PREFECT_HOME", str(home / "prefect")),
-                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                        # ride out a database restart: the server answers 500 while it is away
+                        # (the client already retries 429/502/503 and lost connections)
+                        ("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500")):
         if not os.environ.get(name):  # unset or empty
             os.environ[name] = value
     return home

@@ -23,7 +23,8 @@ from .spec import AllocationSpec
 
 #: environment variables a job must carry so that its Dask worker finds the Prefect API and SLURM
 EXPORTED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "SLURM_CONF", "ASKAP_FLOWS_HOME",
-                "PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")
+                "PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                "PREFECT_CLIENT_RETRY_EXTRA_CODES")
 SLURM_INSTALL_HINT = (
     "Is this a SLURM login node? `sinfo` must work here: load the site's slurm module, or set "
     "SLURM_CONF to the cluster's slurm.conf. On the project's test bed run "
