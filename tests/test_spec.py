@@ -1,5 +1,6 @@
 import pytest
 
+from askap_flows.mpi import launch_command
 from askap_flows.spec import (AllocationSpec, MPISpec, SpecError, build_specs, check_fits,
                               packaged_profiles, read_profile, resolve_specs, walltime_seconds)
 
@@ -40,8 +41,10 @@ def test_counts_must_be_positive_integers(field, value):
 
 
 def test_unknown_plugin_names_the_choices():
-    with pytest.raises(SpecError, match="MPICH needs 'pmi2', Open MPI needs 'pmix'"):
+    with pytest.raises(SpecError, match="MPICH needs 'pmi2', Open MPI 'pmix', Cray MPICH 'cray_shasta'"):
         MPISpec(mpi_plugin="pmi3")
+    for plugin in ("cray_shasta", "pmix_v4"):  # site plugins are accepted and rendered as given
+        assert f"--mpi={plugin}" in launch_command(MPISpec(mpi_plugin=plugin), "/bin/prog")
 
 
 def test_memory_must_have_a_unit_form():

@@ -20,7 +20,8 @@ import yaml
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 PROFILE_ENV = "ASKAP_FLOWS_PROFILE"
-MPI_PLUGINS = ("pmi2", "pmix", "none")
+# srun --mpi= plugins: MPICH pmi2; Open MPI pmix (or a versioned pmix_vN); HPE Cray MPICH cray_shasta
+MPI_PLUGINS = ("pmi2", "pmix", "pmix_v3", "pmix_v4", "pmix_v5", "cray_shasta", "none")
 LAUNCHERS = ("srun", "mpiexec")
 BACKENDS = ("local", "slurm")
 
@@ -177,7 +178,8 @@ class MPISpec:
         if self.mpi_plugin not in MPI_PLUGINS:
             raise SpecError(
                 f"mpi_plugin {self.mpi_plugin!r} is not one of {', '.join(MPI_PLUGINS)}. MPICH "
-                "needs 'pmi2', Open MPI needs 'pmix' ('srun --mpi=list' shows what SLURM offers)."
+                "needs 'pmi2', Open MPI 'pmix', Cray MPICH 'cray_shasta' ('srun --mpi=list' shows "
+                "what this SLURM offers; `askap-flows doctor` compares them)."
             )
         if self.launcher not in LAUNCHERS:
             raise SpecError(f"launcher {self.launcher!r} is not one of {', '.join(LAUNCHERS)}.")
