@@ -167,8 +167,7 @@ def running_job_ids(prefix: str) -> list[str]:
     """SLURM job ids of this process's running sub-flows (one squeue call)."""
     from . import runners
 
-    with runners._active_lock:
-        names = set(runners._active_jobs)
+    names = runners.active_job_names()
     if not names:
         return []
     return [job_id for job_id, name, _, _ in slurm.jobs_with_prefix(prefix) if name in names]

@@ -142,11 +142,16 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
                     _active_jobs.discard(job_name)
 
 
+def active_job_names() -> set[str]:
+    """SLURM job names of the sub-flows running in this process now."""
+    with _active_lock:
+        return set(_active_jobs)
+
+
 def cancel_everything() -> list[str]:
     """Shutdown (Ctrl-C, SIGTERM): stop new work, cancel every job, kill every launched command."""
     shutting_down.set()
-    with _active_lock:
-        names = list(_active_jobs)
+    names = sorted(active_job_names())
     for name in names:
         slurm.cancel_named(name, wait=0)
     shell.terminate_all()
