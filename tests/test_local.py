@@ -95,25 +95,50 @@ def test_in_process_workers_run_without_the_profiler():
         assert dask.config.get("distributed.worker.profile.enabled") is False
 
 
-def test_twice_interrupted_run_leaves_no_prefect_server(tmp_path, hello_program):
-    """Two Ctrl-C end the main job at once; the Prefect server it started must not outlive it."""
+def _main_job_running(tmp_path, hello_program):
+    """A main job that started its own Prefect server, once its sub-flows are starting."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "askap_flows.run", "--subflows", "1", "--ntasks", "1",
          "--program", hello_program],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     ui = None
-    for line in proc.stderr:  # interrupted as soon as the sub-flows start
+    for line in proc.stderr:
         if "Prefect UI for this run:" in line:
             ui = line.split("Prefect UI for this run:")[1].split()[0]
         if line.startswith("running 1 sub-flow"):
             break
     assert ui, "the main job never reported its Prefect server"
-    port = int(ui.rstrip("/").rsplit(":", 1)[1])
+    return proc, int(ui.rstrip("/").rsplit(":", 1)[1])
+
+
+def _nothing_listens(port: int, within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except OSError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_twice_interrupted_run_leaves_no_prefect_server(tmp_path, hello_program):
+    """Two Ctrl-C end the main job at once; the Prefect server it started must not outlive it."""
+    proc, port = _main_job_running(tmp_path, hello_program)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
-    with pytest.raises(OSError):  # nothing listens where the run's server was
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert _nothing_listens(port, within=0.1)  # stopped before the main job exited
+
+
+def test_sigkilled_main_job_takes_its_prefect_server_along(tmp_path, hello_program):
+    """No handler runs on SIGKILL: the server dies with its parent (PR_SET_PDEATHSIG)."""
+    proc, port = _main_job_running(tmp_path, hello_program)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert _nothing_listens(port), f"the run's Prefect server still listens on port {port}"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--port {port}" not in ps, "the server process (or its uvicorn child) is left"

@@ -151,14 +151,27 @@ def run(
     return Completed(argv, proc.returncode, "\n".join(out), "\n".join(err), seconds)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the thread that started it dies (Linux prctl
+    PR_SET_PDEATHSIG), so even a SIGKILLed pipeline leaves no service behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the caller's kill_group is the only stop
+        pass
+
+
 def start_background(argv: Sequence[str], log_path: str | os.PathLike,
                      env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start a long-running service (a Prefect server) in a session of its own, its output
-    appended to ``log_path``. The caller stops it with ``kill_group(proc, grace)``."""
+    appended to ``log_path``. The caller stops it with ``kill_group(proc, grace)``; if the
+    calling thread dies first (even by SIGKILL) the service gets SIGTERM. Call it from a thread
+    that lives as long as the service should (the main thread)."""
     with open(log_path, "ab") as log:
         return subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=None if env is None else dict(env),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def kill_group(proc: subprocess.Popen, grace: float) -> None:
