@@ -163,6 +163,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
         elif seen is not None:
             if compat.future_done(future, timeout=2.0):
                 break
+            compat.cancel_future(future)
             raise _job_lost(seen.job_id, job_name, nodes)
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(
