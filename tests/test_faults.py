@@ -104,6 +104,36 @@ def waiter(tmp_path: Path, hello: str, flag: Path) -> str:
                   f"exec '{hello}'\n")
 
 
+# --------------------------------------------------------------------------- pure parts
+@pytest.mark.unit
+def test_first_failure_names_the_cause_not_the_ranks_srun_terminated():
+    from askap_flows.mpi import first_failure
+
+    lines = ["srun: error: node2: task 1: Exited with exit code 3",
+             "srun: launch/slurm: _step_signal: Terminating StepId=55.0",
+             "srun: error: node1: task 0: Terminated"]
+    assert first_failure(lines).startswith("The first rank to fail: task 1 on node2: Exited with "
+                                           "exit code 3.")
+    assert "tasks 0-1 on node1: Killed" in first_failure(["srun: error: node1: tasks 0-1: Killed"])
+    assert first_failure(["plain stderr"]) is None
+
+
+@pytest.mark.unit
+def test_a_retry_excludes_every_failed_node_so_far():
+    from askap_flows.flows import _excluding
+    from askap_flows.slurm import JobLost
+    from askap_flows.spec import AllocationSpec
+
+    alloc = AllocationSpec(extra_directives=("--gres=gpu:1",))
+    once = _excluding(alloc, ["node2"])
+    assert once.extra_directives == ("--gres=gpu:1", "--exclude=node2")
+    assert _excluding(once, ["node3", "node2"]).extra_directives == ("--gres=gpu:1",
+                                                                    "--exclude=node3,node2")
+    assert JobLost("x", state="NODE_FAIL").retryable and JobLost("x", failed_nodes=["n1"]).retryable
+    assert not JobLost("x", state="CANCELLED").retryable
+    assert not JobLost("x", state="TIMEOUT").retryable
+
+
 # --------------------------------------------------------------------------- 1. a node dies
 @pytest.mark.slurm
 @pytest.mark.mpi

@@ -187,6 +187,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
         elif seen is not None:
             if compat.future_done(future, timeout=2.0):
                 break
+            compat.cancel_future(future)
             raise _job_lost(seen.job_id, job_name, nodes)
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(
@@ -212,6 +213,11 @@ def _result(future, job: tuple[str, list[str]] | None, job_name: str | None):
             raise
         job_id, nodes = job
         state = slurm.job_info(job_id).get("JobState", "ENDED")
+        deadline = time.monotonic() + 10
+        while state == "RUNNING" and "already completing or completed" in str(exc) \
+                and time.monotonic() < deadline:  # srun learns that the job ends before squeue
+            time.sleep(1)
+            state = slurm.job_info(job_id).get("JobState", "ENDED")
         if state in ("RUNNING", "COMPLETED") and not slurm.node_problems(nodes):
             raise  # the program itself failed: its own error says why
         lost = _job_lost(job_id, job_name, nodes)
