@@ -295,7 +295,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for n, r in pts:
             if r.get("timed_out") or r.get("memory_guard"):
                 ax2.annotate("killed", (n, r["wall_seconds"]), fontsize=8)
-    ax1.set(xlabel="concurrent sub-flows N", ylabel="failed sub-flows", title="failures")
+    ax1.set(xlabel="concurrent sub-flows N", ylabel="failed or unfinished sub-flows",
+            title="failures")
     ax2.set(xlabel="concurrent sub-flows N", ylabel="wall time [s]", title="wall time")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -321,11 +322,18 @@ def main() -> int:
     p.add_argument("--memory-guard-mb", type=float, default=8192,
                    help="kill a run whose process tree exceeds this (default 8192)")
     p.add_argument("--dask-profile", action="store_true", help="leave Dask's worker profiler on")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
     p.add_argument("--child", choices=("askap", "seed"), help=argparse.SUPPRESS)
     p.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child_main(args)
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        plot([r for r in data["results"] if "skipped" not in r], Path(data["plot"]),
+             f"{data['backend']} backend, Prefect {data['versions']['prefect']}, "
+             f"{data['date_utc']} UTC, {data['versions']['machine_cpus']} cores")
+        return 0
     ns = [2] if args.quick else [int(x) for x in args.n.split(",")]
     patterns = [x.strip() for x in args.patterns.split(",") if x.strip()]
     if args.backend == "slurm" and not os.environ.get("SLURM_CONF"):
