@@ -83,7 +83,7 @@ def test_failing_subflow_does_not_stop_its_siblings(tmp_path):
     assert "exited with code" in str(outcomes[1].error)
 
 
-def test_in_process_workers_run_without_the_profiler():
+def test_in_process_workers_run_without_the_profiler_and_wait_longer_to_connect():
     """CPython 3.11.7 deadlocks in sys._current_frames() with dozens of in-process profilers."""
     import dask
 
@@ -93,6 +93,7 @@ def test_in_process_workers_run_without_the_profiler():
     with dask.config.set({"distributed.worker.profile.enabled": True}):
         local_runner(resolve_allocation(None, None, "local"))
         assert dask.config.get("distributed.worker.profile.enabled") is False
+        assert dask.config.get("distributed.comm.timeouts.connect") == "120s"
 
 
 def _main_job_running(tmp_path, hello_program):

@@ -46,7 +46,10 @@ def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunn
     # In-process workers share this interpreter. Each one's statistical profiler calls
     # sys._current_frames() every 10 ms; with dozens of them CPython 3.11.7 deadlocks there
     # (cpython#106883: the run hangs with every thread waiting). Separate SLURM workers keep it.
-    dask.config.set({"distributed.worker.profile.enabled": False})
+    # Hundreds of clusters starting at once on a few cores: a client took longer than Dask's 30 s
+    # to connect to its own in-process scheduler (TimeoutError at N=140-200, benchmarks/sweep.py).
+    dask.config.set({"distributed.worker.profile.enabled": False,
+                     "distributed.comm.timeouts.connect": "120s"})
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs=dict(
