@@ -71,3 +71,14 @@ def test_sweep_quick(tmp_path):
     askap = data["summary"]["askap"]
     assert askap == {"max_n_without_failure": 2, "total_failures": 0, "first_break": None}
     assert Path(data["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_tables_are_the_committed_json():
+    """benchmarks/README.md shows what benchmarks/results/*.json hold (report.py renders them)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")],
+                         capture_output=True, text=True, check=True).stdout
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    tables = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(tables) > 20
+    missing = [line for line in tables if line not in readme]
+    assert not missing, f"README rows not in the JSON's report (run benchmarks/report.py): {missing}"
