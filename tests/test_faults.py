@@ -120,7 +120,7 @@ def test_first_failure_names_the_cause_not_the_ranks_srun_terminated():
 
 @pytest.mark.unit
 def test_a_retry_excludes_every_failed_node_so_far():
-    from askap_flows.flows import _excluding
+    from askap_flows.spec import excluding_nodes as _excluding
     from askap_flows.slurm import JobLost
     from askap_flows.spec import AllocationSpec
 

@@ -8,7 +8,6 @@ can be checked before submitting (specs, program, SLURM), builds a fresh task ru
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, mpi, runners, shell, slurm
-from .spec import AllocationSpec, MPISpec, resolve_allocation, resolve_specs
+from .spec import AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs
 
 @dataclass
 class MPIRunResult:
@@ -283,27 +282,12 @@ def mpi_subflow(
         except slurm.JobLost as exc:
             if attempt == retries or not exc.retryable or runners.shutting_down.is_set():
                 raise
-            alloc = _excluding(alloc, exc.failed_nodes)
+            alloc = excluding_nodes(alloc, exc.failed_nodes)
             logging.getLogger("askap_flows").warning(
                 "sub-flow %s: SLURM job %s lost node(s) %s; retry %d of %d on a new allocation%s",
                 name or run.job_name, exc.job_id, ",".join(exc.failed_nodes) or "?", attempt + 1,
                 retries, f" excluding {','.join(exc.failed_nodes)}" if exc.failed_nodes else "")
             attempt += 1
-
-
-def _excluding(alloc: AllocationSpec, nodes: Sequence[str]) -> AllocationSpec:
-    """The allocation with ``--exclude`` for ``nodes`` (merged with an earlier one)."""
-    if not nodes:
-        return alloc
-    excluded = list(nodes)
-    kept = []
-    for d in alloc.extra_directives:
-        if d.startswith("--exclude="):
-            excluded += d.split("=", 1)[1].split(",")
-        else:
-            kept.append(d)
-    directive = "--exclude=" + ",".join(dict.fromkeys(excluded))
-    return dataclasses.replace(alloc, extra_directives=tuple(kept) + (directive,))
 
 
 # --------------------------------------------------------------------------- array sub-flow

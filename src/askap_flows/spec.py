@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -194,6 +194,21 @@ class MPISpec:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise SpecError(f"env must map strings to strings; {k!r}: {v!r} does not.")
         object.__setattr__(self, "env", env)
+
+
+def excluding_nodes(alloc: AllocationSpec, nodes: Sequence[str]) -> AllocationSpec:
+    """The allocation with ``--exclude`` for ``nodes``, merged with an ``--exclude`` it had."""
+    if not nodes:
+        return alloc
+    excluded = list(nodes)
+    kept = []
+    for d in alloc.extra_directives:
+        if d.startswith("--exclude="):
+            excluded += d.split("=", 1)[1].split(",")
+        else:
+            kept.append(d)
+    directive = "--exclude=" + ",".join(dict.fromkeys(excluded))
+    return dataclasses.replace(alloc, extra_directives=tuple(kept) + (directive,))
 
 
 def check_fits(mpi: MPISpec, allocation: AllocationSpec) -> None:
