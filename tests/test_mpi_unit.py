@@ -51,3 +51,10 @@ def test_wrong_count_or_sum_is_an_error():
         check_world(parse_ranks(_lines(5, size=6)), MPISpec(nodes=3, ntasks=6))
     with pytest.raises(MPIError, match="wrong world size or allreduce"):
         check_world(parse_ranks(_lines(6, bad_sum=True)), MPISpec(nodes=3, ntasks=6))
+
+
+def test_records_glued_into_one_line_by_the_launcher_are_all_read():
+    one, two = _lines(2).splitlines()[1:]
+    ranks = parse_ranks(f"{one}{two}\n")
+    assert [r.rank for r in ranks] == [0, 1]
+    check_world(ranks, MPISpec(nodes=1, ntasks=2))

@@ -38,3 +38,10 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
 def test_missing_program_is_a_clear_error():
     with pytest.raises(shell.CommandError, match="could not start .'/no/such/prog' not found"):
         shell.run(["/no/such/prog"])
+
+
+def test_output_that_arrives_after_the_process_ended_is_kept():
+    """An MPI launcher's forwarding proxy may still hold the ranks' last lines when the launcher
+    itself has exited: everything up to EOF is read (it was once cut off after 10 s)."""
+    res = shell.run(["bash", "-c", "(sleep 12; echo late) & echo early"])
+    assert res.stdout.splitlines() == ["early", "late"]

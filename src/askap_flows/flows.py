@@ -75,7 +75,11 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool) -> dict:
                                  exc.reason, hint) from None
     ranks = mpi.parse_ranks(res.stdout)
     if check_ranks or ranks:
-        mpi.check_world(ranks, spec)
+        try:
+            mpi.check_world(ranks, spec)
+        except mpi.MPIError as exc:
+            shown = "\n".join(res.stdout.splitlines()[-2 * spec.ntasks:]) or "(nothing)"
+            raise mpi.MPIError(f"{exc} The program printed on stdout (last lines):\n{shown}") from None
     return {
         "job_id": os.environ.get("SLURM_JOB_ID"),
         "nodelist": os.environ.get("SLURM_JOB_NODELIST"),

@@ -15,7 +15,7 @@ from .spec import MPISpec
 
 HELLO_NAME = "mpi_hello_world"
 HOME_ENV = "ASKAP_FLOWS_HOME"
-_RANK_LINE = re.compile(r"^ASKAP_MPI_HELLO (?P<fields>.*)$")
+_RANK_MARK = "ASKAP_MPI_HELLO "
 
 MPI_INSTALL_HINT = (
     "Install an MPI with a compiler wrapper: as root `apt-get install mpich libmpich-dev` (Debian), "
@@ -95,11 +95,11 @@ def first_failure(stderr_lines: Sequence[str]) -> str | None:
 def parse_ranks(text: str) -> list[RankRecord]:
     """Rank records from the hello program's output, sorted by rank; other lines are ignored."""
     records = []
-    for line in text.splitlines():
-        m = _RANK_LINE.match(line.strip())
-        if not m:
-            continue
-        kv = dict(item.split("=", 1) for item in m.group("fields").split() if "=" in item)
+    # Split at every marker, not only at line starts: a launcher that forwards several ranks'
+    # output can glue two records into one line.
+    for fields in text.split(_RANK_MARK)[1:]:
+        fields = fields.split("\n", 1)[0]
+        kv = dict(item.split("=", 1) for item in fields.split() if "=" in item)
         try:
             records.append(RankRecord(
                 rank=int(kv["rank"]), size=int(kv["size"]), processor=kv["processor"],

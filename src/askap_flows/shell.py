@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 TAIL_LINES = 20
+DRAIN_SECONDS = 60.0  # after the process ended, how long its output may still arrive
 _running: set[subprocess.Popen] = set()
 _running_lock = threading.Lock()
 
@@ -138,8 +139,11 @@ def run(
     finally:
         with _running_lock:
             _running.discard(proc)
+    # The ranks' last lines may still be in the pipes (or in an MPI launcher's forwarding proxy):
+    # read to EOF. Only a grandchild that keeps the pipe open forever is given up on.
+    drain_until = time.monotonic() + DRAIN_SECONDS
     for t in readers:
-        t.join(timeout=10)
+        t.join(timeout=max(0.1, drain_until - time.monotonic()))
     seconds = time.monotonic() - start
     stdout_tail = list(deque(out, TAIL_LINES))
     stderr_tail = list(deque(err, TAIL_LINES))
