@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import shutil
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from . import compat, mpi, runners, shell, slurm
+from . import compat, launch, mpi, runners, slurm
 from .spec import AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs
 
 @dataclass
@@ -45,55 +45,53 @@ class MPIRunResult:
         return d
 
 
-# --------------------------------------------------------------------------- the Dask task
+# --------------------------------------------------------------------------- the MPI task
 @task(name="mpi-run")
-def run_mpi(spec: MPISpec, program: str, check_ranks: bool) -> dict:
-    """Launch the MPI step from the Dask worker; stream its output to the Prefect log."""
+def run_mpi(spec: MPISpec, program: str, check_ranks: bool, backend: str, job_name: str | None,
+            start_timeout: float) -> dict:
+    """Run the MPI step on this sub-flow's Dask worker (``launch.mpi_step``) and write its output
+    to this task's Prefect log as it comes. The task itself runs in the sub-flow's process: the
+    worker imports no Prefect, which would cost the job's nodes seconds of start-up."""
     logger = get_run_logger()
-    argv = mpi.launch_command(spec, program)
-    if argv[0] == "mpiexec":
-        argv[0] = mpi.find_mpiexec() or _missing("mpiexec", mpi.MPI_INSTALL_HINT)
-    elif shutil.which(argv[0]) is None:
-        _missing(argv[0], slurm.SLURM_INSTALL_HINT)
-    logger.info("launching: %s", " ".join(argv))
-    srun_started = time.time()  # wall clock: compared with the sub-flow's, on another host
+    client = compat.current_dask_client()
+    topic = f"askap-mpi-{uuid.uuid4().hex}"
+    relayed = [0]
 
-    srun_errors: list[str] = []  # kept whole: the stderr tail may have lost the first one
+    def relay(event) -> None:
+        msg = event[1]
+        (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
+        relayed[0] += 1
 
-    def log_line(stream: str, line: str) -> None:
-        (logger.info if stream == "stdout" else logger.warning)("%s", line)
-        if line.startswith("srun: error: "):
-            srun_errors.append(line)
-
+    client.subscribe_topic(topic, relay)
     try:
-        res = shell.run(argv, on_line=log_line, timeout=spec.timeout, env=mpi.program_env(spec))
-    except shell.CommandError as exc:
-        hint = mpi.first_failure(srun_errors)
-        if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
-            raise  # a timeout killed the ranks itself: their deaths are no cause
-        raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,
-                                 exc.reason, hint) from None
-    ranks = mpi.parse_ranks(res.stdout)
-    if check_ranks or ranks:
+        future = client.submit(launch.mpi_step, spec, program, check_ranks, topic, pure=False)
+        job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
         try:
-            mpi.check_world(ranks, spec)
-        except mpi.MPIError as exc:
-            shown = "\n".join(res.stdout.splitlines()[-2 * spec.ntasks:]) or "(nothing)"
-            raise mpi.MPIError(f"{exc} The program printed on stdout (last lines):\n{shown}") from None
-    return {
-        "job_id": os.environ.get("SLURM_JOB_ID"),
-        "nodelist": os.environ.get("SLURM_JOB_NODELIST"),
-        "host": socket.gethostname(),
-        "exit_code": res.returncode,
-        "seconds": res.seconds,
-        "command": argv,
-        "ranks": ranks,
-        "srun_started": srun_started,
-    }
+            data = _result(future, job, job_name)
+        except Exception:
+            _wait_for(lambda: False, quiet_after=1.0, relayed=relayed)  # the last lines
+            raise
+        _wait_for(lambda: relayed[0] >= data["lines"], quiet_after=5.0, relayed=relayed)
+        return data
+    finally:
+        client.unsubscribe_topic(topic)
 
 
-def _missing(what: str, hint: str):
-    raise FileNotFoundError(f"`{what}` is not on PATH of the Dask worker. {hint}")
+def _wait_for(done: Callable[[], bool], quiet_after: float, relayed: list[int]) -> None:
+    """Let the step's last lines arrive: until ``done()`` or no line came for ``quiet_after`` s."""
+    last, since = relayed[0], time.monotonic()
+    while not done() and time.monotonic() - since < quiet_after:
+        time.sleep(0.05)
+        if relayed[0] != last:
+            last, since = relayed[0], time.monotonic()
+
+
+def _future_done(future, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for a Dask future; True once it has finished (either way)."""
+    deadline = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return future.done()
 
 
 # --------------------------------------------------------------------------- the flow
@@ -104,9 +102,7 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
     logger = get_run_logger()
     dashboard = _cluster_started(job_name, logger)
     cluster_ready = time.time()
-    future = run_mpi.submit(spec, program, check_ranks)
-    job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
-    data = _result(future, job, job_name)
+    data = run_mpi(spec, program, check_ranks, backend, job_name, start_timeout)
     nodes = slurm.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
@@ -165,7 +161,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
     seen: slurm.JobState | None = None
     nodes: list[str] = []
     last_poll = 0.0
-    while not compat.future_done(future, timeout=1.0):
+    while not _future_done(future, timeout=1.0):
         if runners.shutting_down.is_set():
             raise RuntimeError(f"the pipeline is shutting down: job {job_name} was cancelled")
         now = time.monotonic()
@@ -188,9 +184,9 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
                     "request too large; raise the allocation's start_timeout or ask for less."
                 )
         elif seen is not None:
-            if compat.future_done(future, timeout=2.0):
+            if _future_done(future, timeout=2.0):
                 break
-            compat.cancel_future(future)
+            future.cancel()  # its worker is gone with the job: it would stay pending forever
             raise _job_lost(seen.job_id, job_name, nodes)
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(

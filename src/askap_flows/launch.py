@@ -1,0 +1,85 @@
+"""The step that runs on a sub-flow's Dask worker: launch the MPI program, send its lines back.
+
+This is the only askap_flows code a SLURM job's Dask worker runs. It imports neither Prefect nor
+dask-jobqueue: on the worker each would cost the job seconds of start-up while it already holds
+its nodes (benchmarks/README.md). The program's output goes back line by line as Dask events on
+``topic``; the sub-flow's Prefect task subscribes to it and writes each line to its Prefect log
+while the program runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+
+from . import mpi, shell
+from .slurm import SLURM_INSTALL_HINT
+from .spec import MPISpec
+
+
+def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) -> dict:
+    """Run the MPI step here (on the Dask worker) and return what the sub-flow records.
+
+    Raises FileNotFoundError (no launcher on this node), shell.CommandError (the step failed or
+    timed out; with the first failing rank as hint) or mpi.MPIError (the ranks' world is wrong).
+    """
+    send = _sender(topic)
+    argv = mpi.launch_command(spec, program)
+    if argv[0] == "mpiexec":
+        argv[0] = mpi.find_mpiexec() or _missing("mpiexec", mpi.MPI_INSTALL_HINT)
+    elif shutil.which(argv[0]) is None:
+        _missing(argv[0], SLURM_INSTALL_HINT)
+    send("info", "launching: " + " ".join(argv))
+    srun_started = time.time()  # wall clock: compared with the sub-flow's, on another host
+    srun_errors: list[str] = []  # kept whole: the stderr tail may have lost the first one
+    lines = 1
+
+    def on_line(stream: str, line: str) -> None:
+        nonlocal lines
+        send("info" if stream == "stdout" else "warning", line)
+        lines += 1
+        if line.startswith("srun: error: "):
+            srun_errors.append(line)
+
+    try:
+        res = shell.run(argv, on_line=on_line, timeout=spec.timeout, env=mpi.program_env(spec))
+    except shell.CommandError as exc:
+        hint = mpi.first_failure(srun_errors)
+        if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
+            raise  # a timeout killed the ranks itself: their deaths are no cause
+        raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,
+                                 exc.reason, hint) from None
+    ranks = mpi.parse_ranks(res.stdout)
+    if check_ranks or ranks:
+        try:
+            mpi.check_world(ranks, spec)
+        except mpi.MPIError as exc:
+            shown = "\n".join(res.stdout.splitlines()[-2 * spec.ntasks:]) or "(nothing)"
+            raise mpi.MPIError(f"{exc} The program printed on stdout (last lines):\n{shown}") from None
+    return {
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "nodelist": os.environ.get("SLURM_JOB_NODELIST"),
+        "host": socket.gethostname(),
+        "exit_code": res.returncode,
+        "seconds": res.seconds,
+        "command": argv,
+        "ranks": ranks,
+        "srun_started": srun_started,
+        "lines": lines,  # events sent on the topic: the sub-flow waits for all of them
+    }
+
+
+def _sender(topic: str | None):
+    """A function (level, line) that sends one line to the sub-flow as a Dask event."""
+    if topic is None:
+        return lambda level, line: None
+    from distributed import get_worker  # thread-safe: log_event hands over to the worker's loop
+
+    worker = get_worker()
+    return lambda level, line: worker.log_event(topic, {"level": level, "line": line})
+
+
+def _missing(what: str, hint: str):
+    raise FileNotFoundError(f"`{what}` is not on PATH of the Dask worker. {hint}")
