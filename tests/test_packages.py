@@ -35,3 +35,12 @@ def test_installed_packages_match_the_pinned_list():
 def test_pinned_sets_hold_the_supported_prefect_majors():
     assert any(p.startswith("prefect==3.") for p in _pins(ROOT / "package_list.txt"))
     assert any(p.startswith("prefect==2.20.") for p in _pins(ROOT / "package_list_prefect2.txt"))
+
+
+def test_the_job_side_step_imports_neither_prefect_nor_dask_jobqueue():
+    """A SLURM job's Dask worker runs askap_flows.launch only: importing Prefect there cost every
+    job seconds of start-up while it held its nodes (benchmarks/README.md)."""
+    code = ("import sys, askap_flows.launch; print(sorted({m.split('.')[0] for m in sys.modules "
+            "if m.split('.')[0] in ('prefect', 'prefect_dask', 'dask_jobqueue', 'bokeh')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

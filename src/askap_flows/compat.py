@@ -115,3 +115,22 @@ def current_flow_run_id() -> str | None:
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
 
+
+def future_done(future, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for a task future; True once it has finished (either way)."""
+    if PREFECT_MAJOR >= 3:
+        future.wait(timeout=timeout)
+        return future.wrapped_future.done()
+    return future.wait(timeout=timeout) is not None
+
+
+def cancel_future(future) -> None:
+    """Cancel the Dask future behind a task future whose worker is gone (its job ended): it would
+    stay pending forever, and Prefect 2 waits for every task future before a flow run ends."""
+    try:
+        if PREFECT_MAJOR >= 3:
+            future.wrapped_future.cancel()
+        else:
+            future._task_runner._get_dask_future(future.key).cancel()
+    except Exception:  # noqa: BLE001 - best effort: the run fails with its own error anyway
+        pass

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import distributed
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
@@ -63,6 +64,7 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, backend: str, job_na
         relayed[0] += 1
 
     client.subscribe_topic(topic, relay)
+    future = None
     try:
         future = client.submit(launch.mpi_step, spec, program, check_ranks, topic, pure=False)
         job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
@@ -75,6 +77,22 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, backend: str, job_na
         return data
     finally:
         client.unsubscribe_topic(topic)
+        if backend == "slurm" and future is not None and future.done():
+            _release_nodes(client, future)
+
+
+def _release_nodes(client, future) -> None:
+    """The MPI step was the job's only work: let its worker leave now, so that the job ends and
+    frees its nodes while the sub-flow still records its results (the cluster's close, after
+    the flow run, was the first to do so). Best effort: closing the cluster ends the job anyway."""
+    try:
+        future.release()  # its result is here; Dask retires no worker that holds the only copy
+        deadline = time.monotonic() + 2.0
+        while any(client.has_what().values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.retire_workers(workers=list(client.scheduler_info()["workers"]), close_workers=True)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _wait_for(done: Callable[[], bool], quiet_after: float, relayed: list[int]) -> None:
@@ -87,11 +105,21 @@ def _wait_for(done: Callable[[], bool], quiet_after: float, relayed: list[int]) 
 
 
 def _future_done(future, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for a Dask future; True once it has finished (either way)."""
+    """Wait up to ``timeout`` s for a Dask or Prefect task future; True once it has finished."""
+    if not isinstance(future, distributed.Future):
+        return compat.future_done(future, timeout)
     deadline = time.monotonic() + timeout
     while not future.done() and time.monotonic() < deadline:
         time.sleep(0.05)
     return future.done()
+
+
+def _cancel(future) -> None:
+    """Cancel a future whose worker is gone with its job: it would stay pending forever."""
+    if isinstance(future, distributed.Future):
+        future.cancel()
+    else:
+        compat.cancel_future(future)
 
 
 # --------------------------------------------------------------------------- the flow
@@ -186,7 +214,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
         elif seen is not None:
             if _future_done(future, timeout=2.0):
                 break
-            future.cancel()  # its worker is gone with the job: it would stay pending forever
+            _cancel(future)
             raise _job_lost(seen.job_id, job_name, nodes)
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(
