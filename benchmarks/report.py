@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Markdown tables from the JSON in benchmarks/results/ (pasted into benchmarks/README.md).
 
-    python benchmarks/report.py            # overhead.json, sweep.json, sweep_testbed.json
+    python benchmarks/report.py   # every results/*.json below, in this order
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def sweep(d: dict) -> str:
 
 def main() -> int:
     for name, render in (("overhead.json", overhead), ("sweep.json", sweep),
+                         ("sweep_prefect2.json", sweep), ("sweep_prefect2_large.json", sweep),
                          ("sweep_testbed.json", sweep)):
         path = RESULTS / name
         if path.exists():
