@@ -64,8 +64,7 @@ def sweep(d: dict) -> str:
 
 def main() -> int:
     for name, render in (("overhead.json", overhead), ("sweep.json", sweep),
-                         ("sweep_prefect2.json", sweep), ("sweep_prefect2_large.json", sweep),
-                         ("sweep_testbed.json", sweep)):
+                         ("sweep_prefect2.json", sweep), ("sweep_testbed.json", sweep)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")
