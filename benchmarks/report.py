@@ -64,7 +64,8 @@ def sweep(d: dict) -> str:
 
 def main() -> int:
     for name, render in (("overhead.json", overhead), ("sweep.json", sweep),
-                         ("sweep_prefect2.json", sweep), ("sweep_testbed.json", sweep)):
+                         ("sweep_prefect2.json", sweep), ("sweep_prefect2_capped.json", sweep),
+                         ("sweep_testbed.json", sweep)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")

@@ -29,6 +29,32 @@ def test_bad_composition_arguments_are_refused():
 
 
 @pytest.mark.unit
+def test_prefect_2_runs_at_most_its_measured_limit_at_once(monkeypatch, caplog):
+    """Prefect 2 stalled with 140 sub-flows at once (benchmarks/README.md): run_subflows caps it."""
+    import threading
+
+    from askap_flows import compat, flows
+
+    assert compat.MAX_CONCURRENT_SUBFLOWS == (80 if compat.PREFECT_MAJOR < 3 else None)
+    monkeypatch.setattr(compat, "MAX_CONCURRENT_SUBFLOWS", 2)
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def call():
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return True
+
+    with caplog.at_level("WARNING", logger="askap_flows"):
+        outcomes = flows.run_subflows([call] * 6, max_concurrent=6)
+    assert all(o.ok for o in outcomes) and peak[0] == 2
+    assert "running at most 2 of the 6 sub-flows at once, not 6" in caplog.text
+
+
+@pytest.mark.unit
 def test_summary_names_the_failed_subflow():
     from askap_flows.run import summary_table
 

@@ -44,6 +44,11 @@ LEGACY_DATABASE_RENAME = (
 #: the server's defaults when none of the above is set (SQLAlchemy's 5/10/30 s; connect 5 s)
 DEFAULT_POOL = {"pool_size": 5, "max_overflow": 10, "pool_timeout": 30.0, "connect_timeout": 5.0}
 
+#: sub-flows that may run at once in one process. Prefect 2 runs every flow run's engine on one
+#: event-loop thread: 80 at once finished, 140 at once stalled with that thread at 100 % (0 of 140
+#: in 860 s; benchmarks/README.md). Prefect 3 ran 200 at once.
+MAX_CONCURRENT_SUBFLOWS = 80 if PREFECT_MAJOR < 3 else None
+
 #: settings every server and client of askap_flows gets (offline sites: no telemetry errors)
 QUIET_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 

@@ -430,6 +430,13 @@ def run_subflows(
     for i, c in enumerate(calls):
         if not callable(c):
             raise TypeError(f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
+    limit = compat.MAX_CONCURRENT_SUBFLOWS
+    if limit is not None and max_concurrent > limit and len(calls) > limit:
+        logging.getLogger("askap_flows").warning(
+            "running at most %d of the %d sub-flows at once, not %d: Prefect %s runs every flow "
+            "run on one event-loop thread and stalled with 140 at once (benchmarks/README.md). "
+            "Prefect 3 has no such limit.", limit, len(calls), max_concurrent, compat.PREFECT_VERSION)
+        max_concurrent = limit
 
     def one(i: int, call: Callable[[], Any], ctx: contextvars.Context) -> Outcome:
         if runners.shutting_down.is_set():
