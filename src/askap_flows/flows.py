@@ -71,9 +71,9 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, backend: str, job_na
         try:
             data = _result(future, job, job_name)
         except Exception:
-            _wait_for(lambda: False, quiet_after=1.0, relayed=relayed)  # the last lines
+            _wait_for_lines(relayed, None, quiet_after=1.0)  # whatever of the last lines comes
             raise
-        _wait_for(lambda: relayed[0] >= data["lines"], quiet_after=5.0, relayed=relayed)
+        _wait_for_lines(relayed, data["lines"], quiet_after=5.0)
         return data
     finally:
         client.unsubscribe_topic(topic)
@@ -95,10 +95,11 @@ def _release_nodes(client, future) -> None:
         pass
 
 
-def _wait_for(done: Callable[[], bool], quiet_after: float, relayed: list[int]) -> None:
-    """Let the step's last lines arrive: until ``done()`` or no line came for ``quiet_after`` s."""
+def _wait_for_lines(relayed: list[int], expected: int | None, quiet_after: float) -> None:
+    """Let the step's last lines arrive: until ``expected`` were relayed (None: not known) or
+    no line came for ``quiet_after`` s."""
     last, since = relayed[0], time.monotonic()
-    while not done() and time.monotonic() - since < quiet_after:
+    while (expected is None or relayed[0] < expected) and time.monotonic() - since < quiet_after:
         time.sleep(0.05)
         if relayed[0] != last:
             last, since = relayed[0], time.monotonic()
