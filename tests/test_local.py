@@ -143,3 +143,42 @@ def test_sigkilled_main_job_takes_its_prefect_server_along(tmp_path, hello_progr
     assert _nothing_listens(port), f"the run's Prefect server still listens on port {port}"
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {port}" not in ps, "the server process (or its uvicorn child) is left"
+
+
+def test_many_subflows_at_once_in_a_fresh_home_all_build_and_run(tmp_path, monkeypatch):
+    """A user's own parent flow starting several sub-flows at once in a fresh home: every one of
+    them wants the check program, which does not exist yet. It is built once and all complete
+    (each sub-flow building it under one shared temporary name failed 1-2 of 4)."""
+    from prefect import flow
+
+    from askap_flows.flows import mpi_subflow, run_subflows
+
+    home = tmp_path / "fresh home"
+    monkeypatch.setenv("ASKAP_FLOWS_HOME", str(home))
+    assert not (home / "bin").exists()
+
+    @flow(name="fresh-home-pipeline")
+    def pipeline():
+        calls = [lambda i=i: mpi_subflow({"ntasks": 2}, backend="local", name=f"fresh-{i}")
+                 for i in range(6)]
+        return run_subflows(calls, max_concurrent=6)
+
+    outcomes = pipeline()
+    assert [o.error for o in outcomes if not o.ok] == []
+    assert sorted(p.name for p in (home / "bin").iterdir()) == [
+        ".mpi_hello_world.lock", "mpi_hello_world"]  # no temporary file left behind
+
+
+def test_concurrent_builds_in_threads_and_processes_share_one_program(tmp_path):
+    """Threads of one process and separate processes build into one home at once."""
+    import concurrent.futures
+
+    from askap_flows import mpi
+
+    out = tmp_path / "bin" / "hello"
+    code = f"from askap_flows import mpi; mpi.build_hello({str(out)!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: mpi.build_hello(out), range(8)))
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert set(paths) == {out} and os.access(out, os.X_OK)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -159,19 +161,38 @@ def hello_source() -> Path:
     raise FileNotFoundError(f"{HELLO_NAME}.c is not shipped with this installation of askap_flows")
 
 
+_build_mutex = threading.Lock()
+
+
 def build_hello(output: Path | None = None, force: bool = False) -> Path:
-    """Compile the hello program with mpicc (if missing or older than its source); return its path."""
+    """Compile the hello program with mpicc (if missing or older than its source); return its path.
+
+    Built once per home, however many sub-flows ask at once: threads queue on a mutex, processes
+    on an ``flock`` of ``<output>.lock``; whoever comes second finds the program built. The
+    compiler writes a temporary file unique to the process and thread, renamed into place.
+    """
     output = Path(output or default_program())
     src = hello_source()
-    if not force and output.exists() and output.stat().st_mtime >= src.stat().st_mtime:
+
+    def current() -> bool:
+        return not force and output.exists() and output.stat().st_mtime >= src.stat().st_mtime
+
+    if current():
         return output
     cc = find_mpicc()
     if cc is None:
         raise MPIError(f"no MPI compiler (mpicc) found to build {output.name}. {MPI_INSTALL_HINT}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}")
-    shell.run([cc, "-O2", "-o", str(tmp), str(src)], timeout=120)
-    os.replace(tmp, output)
+    with _build_mutex, open(output.with_name(f".{output.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current() and not force:
+            return output
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            shell.run([cc, "-O2", "-o", str(tmp), str(src)], timeout=120)
+            os.replace(tmp, output)
+        finally:
+            tmp.unlink(missing_ok=True)
     return output
 
 
