@@ -130,10 +130,15 @@ def hello_program() -> str:
     return str(mpi.build_hello())
 
 
+def queued_jobs() -> set[str]:
+    """'name id' of every job in SLURM's queue (pending, running or completing), whatever its name."""
+    out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
 def askap_jobs(prefix: str = "askapflows") -> list[str]:
     """'name id' of the SLURM jobs whose name starts with ``prefix``."""
-    out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout
-    return [line.strip() for line in out.splitlines() if line.startswith(prefix)]
+    return sorted(j for j in queued_jobs() if j.startswith(prefix))
 
 
 def dask_workers() -> set[int]:
@@ -145,12 +150,13 @@ def dask_workers() -> set[int]:
 
 @pytest.fixture
 def no_jobs_left():
-    """Asserts after the test that no askap_flows job is left in SLURM, and that no Dask worker
-    process the test's jobs started outlived them."""
+    """Asserts after the test that no job the test started is left in SLURM (whatever its name:
+    every job in the queue that was not there before), and that no Dask worker process the
+    test's jobs started outlived them."""
     before = dask_workers()
-    jobs_before = set(askap_jobs())
+    jobs_before = queued_jobs()
     yield
-    left = sorted(set(askap_jobs()) - jobs_before)  # jobs of other runs on the bed do not count
+    left = sorted(queued_jobs() - jobs_before)
     assert not left, f"jobs left behind: {left}"
     deadline = time.monotonic() + 20  # SLURM's KillWait is 5 s on the test bed
     while (dask_workers() - before) and time.monotonic() < deadline:

@@ -403,19 +403,16 @@ def test_database_restart_mid_pipeline_loses_no_flow_run(tmp_path, hello_program
         result = json.loads(out)
         rows = result["subflows"]
         assert len(rows) == 4
-        print(json.dumps([(r["name"], r["state"], r.get("error")) for r in rows]))
-        for row in rows:  # rode it out, or failed with a message that says what happened
-            assert row["state"] == "completed" or row["error"].strip(), row
-        assert proc.returncode == (1 if result["failed"] else 0), stderr[-3000:]
-        # every run the API recorded is intact and ended: none stuck in RUNNING or PENDING
+        # the README's promise: every sub-flow completes across a short database restart
+        assert [(r["name"], r["state"], r.get("error")) for r in rows] == [
+            (f"mpi-{i}", "completed", None) for i in range(4)]
+        assert proc.returncode == 0 and result["failed"] == 0, stderr[-3000:]
+        # every run the API recorded is intact and COMPLETED: none stuck, failed or crashed
         runs = _api("/flow_runs/filter", {"limit": 200}, server.api_url)
         by_name = {r["name"]: r for r in runs}
         assert {f"mpi-{i}" for i in range(4)} <= set(by_name), sorted(by_name)
-        for r in runs:
-            assert r["state_type"] in TERMINAL, (r["name"], r["state_type"], r["state"])
-        for row in rows:
-            expected = "COMPLETED" if row["state"] == "completed" else "FAILED"
-            assert by_name[row["name"]]["state_type"] in (expected, "CRASHED"), row["name"]
+        assert {(r["name"], r["state_type"]) for r in runs} == {
+            (name, "COMPLETED") for name in by_name}
     finally:
         if server is not None:
             server.stop()

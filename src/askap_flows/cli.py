@@ -77,8 +77,10 @@ def cmd_cleanup(args) -> int:
         print("nothing cancelled; run again with --yes to cancel them (make sure no pipeline of "
               "yours is still running)")
         return 0
-    for _, name, _, _ in jobs:
-        slurm.cancel_named(name)
+    from .jobs import cancel_named
+
+    for _, name, _, _ in jobs:  # one scancel each; the process's job board watches them end
+        cancel_named(name)
     left = slurm.jobs_with_prefix(args.prefix)
     print(f"cancelled {len(jobs) - len(left)} job(s)" + (f"; {len(left)} still listed" if left else ""))
     return 1 if left else 0

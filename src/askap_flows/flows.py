@@ -11,17 +11,18 @@ import contextvars
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import distributed
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from . import compat, launch, mpi, runners, slurm
+from . import compat, launch, mpi, runners, slurm, watch
+from .jobs import RunHandle
 from .spec import AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs
 
 @dataclass
@@ -48,36 +49,37 @@ class MPIRunResult:
 
 # --------------------------------------------------------------------------- the MPI task
 @task(name="mpi-run")
-def run_mpi(spec: MPISpec, program: str, check_ranks: bool, backend: str, job_name: str | None,
-            start_timeout: float) -> dict:
+def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) -> dict:
     """Run the MPI step on this sub-flow's Dask worker (``launch.mpi_step``) and write its output
     to this task's Prefect log as it comes. The task itself runs in the sub-flow's process: the
     worker imports no Prefect, which would cost the job's nodes seconds of start-up."""
     logger = get_run_logger()
     client = compat.current_dask_client()
     topic = f"askap-mpi-{uuid.uuid4().hex}"
-    relayed = [0]
+    relayed = LineCount()
 
     def relay(event) -> None:
         msg = event[1]
         (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
-        relayed[0] += 1
+        relayed.add()
 
     client.subscribe_topic(topic, relay)
     future = None
+    slurm_run = run.backend == "slurm"
     try:
         future = client.submit(launch.mpi_step, spec, program, check_ranks, topic, pure=False)
-        job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
+        job = watch.watch_job(future, run, logger, runners.shutting_down.is_set) \
+            if slurm_run else None
         try:
-            data = _result(future, job, job_name)
+            data = watch.result(future, job, run)
         except Exception:
-            _wait_for_lines(relayed, None, quiet_after=1.0)  # whatever of the last lines comes
+            relayed.wait_for(None, quiet_after=1.0)  # whatever of the last lines comes
             raise
-        _wait_for_lines(relayed, data["lines"], quiet_after=5.0)
+        relayed.wait_for(data["lines"], quiet_after=5.0)
         return data
     finally:
         client.unsubscribe_topic(topic)
-        if backend == "slurm" and future is not None and future.done():
+        if slurm_run and future is not None and future.done():
             _release_nodes(client, future)
 
 
@@ -95,43 +97,43 @@ def _release_nodes(client, future) -> None:
         pass
 
 
-def _wait_for_lines(relayed: list[int], expected: int | None, quiet_after: float) -> None:
-    """Let the step's last lines arrive: until ``expected`` were relayed (None: not known) or
-    no line came for ``quiet_after`` s."""
-    last, since = relayed[0], time.monotonic()
-    while (expected is None or relayed[0] < expected) and time.monotonic() - since < quiet_after:
-        time.sleep(0.05)
-        if relayed[0] != last:
-            last, since = relayed[0], time.monotonic()
+class LineCount:
+    """Lines relayed so far, counted from Dask's event thread and read by the task's thread."""
 
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._n = 0
 
-def _future_done(future, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for a Dask or Prefect task future; True once it has finished."""
-    if not isinstance(future, distributed.Future):
-        return compat.future_done(future, timeout)
-    deadline = time.monotonic() + timeout
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return future.done()
+    def add(self) -> None:
+        with self._cond:
+            self._n += 1
+            self._cond.notify_all()
 
+    @property
+    def value(self) -> int:
+        with self._cond:
+            return self._n
 
-def _cancel(future) -> None:
-    """Cancel a future whose worker is gone with its job: it would stay pending forever."""
-    if isinstance(future, distributed.Future):
-        future.cancel()
-    else:
-        compat.cancel_future(future)
+    def wait_for(self, expected: int | None, quiet_after: float) -> None:
+        """Let the step's last lines arrive: until ``expected`` were relayed (None: not known) or
+        no line came for ``quiet_after`` s."""
+        with self._cond:
+            while expected is None or self._n < expected:
+                last = self._n
+                self._cond.wait(quiet_after)
+                if self._n == last:
+                    return
 
 
 # --------------------------------------------------------------------------- the flow
 @flow(name="mpi-subflow", validate_parameters=False)
-def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, backend: str,
-              job_name: str | None, start_timeout: float) -> MPIRunResult:
+def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) -> MPIRunResult:
     flow_started = time.time()
     logger = get_run_logger()
+    backend, job_name = run.backend, run.job_name
     dashboard = _cluster_started(job_name, logger)
     cluster_ready = time.time()
-    data = run_mpi(spec, program, check_ranks, backend, job_name, start_timeout)
+    data = run_mpi(spec, program, check_ranks, run)
     nodes = slurm.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
@@ -180,78 +182,6 @@ def _record_job(job_id: str, job_name: str | None, nodes: list[str], dashboard: 
                 "dashboard": dashboard or ""}],
         description=f"SLURM job {job_id} of this sub-flow",
     )
-
-
-def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str, list[str]] | None:
-    """Wait for the task while watching its SLURM job: fail clearly when the job cannot start or
-    ends underneath the task (cancelled, node failure, walltime) instead of waiting forever.
-    Returns the job's id and nodes once the task has finished (None if the job was never seen)."""
-    started = time.monotonic()
-    seen: slurm.JobState | None = None
-    nodes: list[str] = []
-    last_poll = 0.0
-    while not _future_done(future, timeout=1.0):
-        if runners.shutting_down.is_set():
-            raise RuntimeError(f"the pipeline is shutting down: job {job_name} was cancelled")
-        now = time.monotonic()
-        if now - last_poll < 2.0:
-            continue
-        last_poll = now
-        # only the job first seen counts: dask-jobqueue may submit a replacement of the same name
-        jobs = [j for j in slurm.jobs_named(job_name) if seen is None or j.job_id == seen.job_id]
-        if jobs:
-            if seen is None or jobs[0].state != seen.state:
-                logger.info("SLURM job %s is %s (%s)", jobs[0].job_id, jobs[0].state,
-                            jobs[0].nodelist or jobs[0].reason)
-            seen = jobs[0]
-            if seen.state == "RUNNING" and not nodes:
-                nodes = slurm.hostnames(seen.nodelist)
-            if seen.state == "PENDING" and now - started > start_timeout:
-                raise slurm.SlurmError(
-                    f"SLURM job {seen.job_id} ({job_name}) was still PENDING after "
-                    f"{start_timeout:g} s (reason: {seen.reason}). The cluster may be full or the "
-                    "request too large; raise the allocation's start_timeout or ask for less."
-                )
-        elif seen is not None:
-            if _future_done(future, timeout=2.0):
-                break
-            _cancel(future)
-            raise _job_lost(seen.job_id, job_name, nodes)
-        elif now - started > min(start_timeout, 60.0):
-            raise slurm.SlurmError(
-                f"no SLURM job named {job_name} appeared within {min(start_timeout, 60.0):g} s: "
-                f"the Dask cluster could not submit it. See {mpi.askap_home() / 'logs'} and run "
-                "`askap-flows render` with the same profile to check the job script."
-            )
-    return (seen.job_id, nodes) if seen is not None else None
-
-
-def _job_lost(job_id: str, job_name: str, nodes: list[str]) -> slurm.JobLost:
-    return slurm.job_lost(job_id, job_name, nodes,
-                          f"{mpi.askap_home() / 'logs'}/{job_name}-{job_id}.err")
-
-
-def _result(future, job: tuple[str, list[str]] | None, job_name: str | None):
-    """The task's result; a task that failed because its job ended or lost a node (walltime,
-    node failure, scancel) raises JobLost saying so, not the launcher's or Dask's own error."""
-    try:
-        return future.result()
-    except Exception as exc:
-        if job is None or job_name is None:
-            raise
-        job_id, nodes = job
-        state = slurm.job_info(job_id).get("JobState", "ENDED")
-        deadline = time.monotonic() + 10
-        while state == "RUNNING" and "already completing or completed" in str(exc) \
-                and time.monotonic() < deadline:  # srun learns that the job ends before squeue
-            time.sleep(1)
-            state = slurm.job_info(job_id).get("JobState", "ENDED")
-        if state in ("RUNNING", "COMPLETED") and not slurm.node_problems(nodes):
-            raise  # the program itself failed: its own error says why
-        lost = _job_lost(job_id, job_name, nodes)
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        lost.args = (f"{lost.args[0]} The task's own error: {type(exc).__name__}: {first}",)
-        raise lost from exc
 
 
 # --------------------------------------------------------------------------- public sub-flow
@@ -304,8 +234,7 @@ def mpi_subflow(
                 sub = _mpi_flow.with_options(task_runner=run.runner,
                                              flow_run_name=label or run.job_name or f"mpi-{run.token}")
                 invoked = time.time()
-                result = sub(spec=spec, program=prog, check_ranks=check_ranks, backend=backend,
-                             job_name=run.job_name, start_timeout=alloc.start_timeout)
+                result = sub(spec=spec, program=prog, check_ranks=check_ranks, run=run.handle)
             result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
             return result
         except slurm.JobLost as exc:
@@ -352,16 +281,17 @@ class ArrayResult:
 
 
 @flow(name="array-subflow", validate_parameters=False)
-def _array_flow(n_arrays: int, size: int, seed: int, backend: str, job_name: str | None,
-                start_timeout: float, name: str) -> ArrayResult:
+def _array_flow(n_arrays: int, size: int, seed: int, run: RunHandle, name: str) -> ArrayResult:
     logger = get_run_logger()
+    backend, job_name = run.backend, run.job_name
     dashboard = _cluster_started(job_name, logger)
     total = make_array.submit(seed, size)
     for i in range(1, n_arrays):
         total = add_arrays.submit(total, make_array.submit(seed + i, size))
     future = mean_of.submit(total)
-    job = _watch_job(future, job_name, start_timeout, logger) if backend == "slurm" else None
-    data = _result(future, job, job_name)
+    job = watch.watch_job(future, run, logger, runners.shutting_down.is_set) \
+        if backend == "slurm" else None
+    data = watch.result(future, job, run)
     if data["job_id"]:
         _record_job(data["job_id"], job_name, [data["host"]], dashboard)
     return ArrayResult(name=name, backend=backend, mean=data["mean"], n_arrays=n_arrays, size=size,
@@ -396,8 +326,7 @@ def array_subflow(
     with runners.cluster_for_run(alloc, backend) as run:
         label = name or run.job_name or f"array-{run.token}"
         sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)
-        return sub(n_arrays=n_arrays, size=size, seed=seed, backend=backend,
-                   job_name=run.job_name, start_timeout=alloc.start_timeout, name=label)
+        return sub(n_arrays=n_arrays, size=size, seed=seed, run=run.handle, name=label)
 
 
 # --------------------------------------------------------------------------- composition

@@ -163,16 +163,6 @@ def summary_table(rows: list[dict]) -> str:
                      for line in lines)
 
 
-def running_job_ids(prefix: str) -> list[str]:
-    """SLURM job ids of this process's running sub-flows (one squeue call)."""
-    from . import runners
-
-    names = runners.active_job_names()
-    if not names:
-        return []
-    return [job_id for job_id, name, _, _ in slurm.jobs_with_prefix(prefix) if name in names]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -239,7 +229,9 @@ def _run(args, alloc, spec, program, say) -> int:
 
     names = [f"mpi-{i}" for i in range(args.subflows)]
     started = time.monotonic()
-    job_ids = (lambda: running_job_ids(alloc.job_name_prefix)) if args.backend == "slurm" else None
+    from .runners import running_job_ids
+
+    job_ids = running_job_ids if args.backend == "slurm" else None
     progress = Progress(len(names), sys.stderr, job_ids=job_ids)
     install_signal_handlers(progress.say)
 

@@ -7,9 +7,7 @@ and closes it when the flow run ends.
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ import dask
 import dask_jobqueue
 from prefect_dask import DaskTaskRunner
 
-from . import mpi, ports, shell, slurm
+from . import board, jobs, mpi, ports, shell, slurm
 from .spec import AllocationSpec
 
 LOCAL_HOST = "127.0.0.1"
@@ -61,54 +59,29 @@ def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunn
     )
 
 
-#: seconds a closing cluster waits for its workers to leave (and so end their jobs) before cancelling
-WORKER_EXIT_GRACE = 10.0
-
-
-class SLURMCluster(dask_jobqueue.SLURMCluster):
-    """dask-jobqueue's SLURMCluster whose jobs end with their worker instead of by ``scancel``.
-
-    On close, dask-jobqueue runs ``scancel`` while the worker is still connected; the SIGTERM lands
-    in the worker's own shutdown, which then hung until SLURM's KillWait (3 s on the test bed,
-    30 s by default) with the job's nodes held in COMPLETING and the sub-flow waiting for them.
-    Here the scheduler first closes the workers (no nanny, exec'd: the job ends with its worker),
-    and only jobs still running after WORKER_EXIT_GRACE seconds are cancelled.
-    """
-
-    async def _close(self):
-        names = [job.job_name for job in self.workers.values() if getattr(job, "job_name", None)]
-        if self.scheduler_comm is not None and names and self.status.name == "running":
-            try:
-                await asyncio.wait_for(self.scheduler_comm.retire_workers(
-                    names=list(self.workers), close_workers=True), WORKER_EXIT_GRACE)
-                deadline = time.monotonic() + WORKER_EXIT_GRACE
-                while time.monotonic() < deadline:
-                    jobs = await asyncio.to_thread(lambda: [j for n in set(names)
-                                                            for j in slurm.jobs_named(n)])
-                    if all(j.state == "PENDING" for j in jobs):
-                        break  # ended by themselves (or never started: cancelled below)
-                    await asyncio.sleep(0.1)
-            except Exception:  # noqa: BLE001 - the cancel below is the fallback for every failure
-                pass
-        await super()._close()
-
-
 def slurm_runner(cluster_kwargs: dict) -> DaskTaskRunner:
-    return DaskTaskRunner(cluster_class=f"{__name__}.SLURMCluster", cluster_kwargs=cluster_kwargs)
+    """dask-jobqueue's own SLURMCluster; its jobs are BoardJobs (jobs.py), whose close lets the
+    retired worker end the job instead of racing it with ``scancel``."""
+    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster",
+                          cluster_kwargs={**cluster_kwargs, "job_cls": jobs.BoardJob})
 
 
 @dataclass
 class RunCluster:
-    """What one sub-flow invocation owns: its task runner, its SLURM job name, its ports."""
+    """What one sub-flow invocation owns: its task runner and the handle of its job."""
 
     runner: DaskTaskRunner
-    token: str
-    job_name: str | None  # None for the local backend
+    handle: jobs.RunHandle
+
+    @property
+    def token(self) -> str:
+        return self.handle.token
+
+    @property
+    def job_name(self) -> str | None:
+        return self.handle.job_name
 
 
-# SLURM jobs of sub-flows running in this process, cancelled all at once on shutdown
-_active_jobs: set[str] = set()
-_active_lock = threading.Lock()
 shutting_down = threading.Event()
 
 
@@ -117,38 +90,45 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     """Build the task runner of one sub-flow run, now; on exit cancel its job and free its ports.
 
     The cluster itself is started by Prefect inside the flow run and closed when it ends; the
-    ``scancel --name`` here is the safety net for every way a run can end.
+    ``scancel --name`` here is the safety net for every way a run can end. The job is tracked on
+    the process's job board from before it is submitted until it is gone.
     """
     token = uuid.uuid4().hex[:10]
     import_dashboard()
+    log_dir = mpi.askap_home() / "logs"
     if backend == "local":
         with ports.reserve(1, LOCAL_HOST) as held:
-            yield RunCluster(local_runner(alloc, held.ports[0]), token, None)
+            yield RunCluster(local_runner(alloc, held.ports[0]),
+                             jobs.RunHandle(token, None, str(log_dir), alloc.start_timeout, backend))
         return
     job_name = f"{alloc.job_name_prefix}-{token}"
     host = slurm.scheduler_host(alloc)
-    log_dir = mpi.askap_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    # SLURM checks the shape once per process: the script with a fixed name and ports
+    slurm.test_submit(slurm.render_job_script(
+        slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check", log_dir)))
     with ports.reserve(2, host) as held:
         kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=held.ports[0],
                                           dashboard_port=held.ports[1])
-        slurm.test_submit(slurm.render_job_script(kwargs))
-        with _active_lock:
-            _active_jobs.add(job_name)
+        board.board().track(job_name)
         try:
-            yield RunCluster(slurm_runner(kwargs), token, job_name)
+            yield RunCluster(slurm_runner(kwargs), jobs.RunHandle(
+                token, job_name, str(log_dir), alloc.start_timeout, backend))
         finally:
             try:
-                slurm.cancel_named(job_name)
+                jobs.cancel_named(job_name)
             finally:
-                with _active_lock:
-                    _active_jobs.discard(job_name)
+                board.board().untrack(job_name)
 
 
 def active_job_names() -> set[str]:
     """SLURM job names of the sub-flows running in this process now."""
-    with _active_lock:
-        return set(_active_jobs)
+    return board.board().tracked()
+
+
+def running_job_ids() -> list[str]:
+    """Ids of this process's jobs the board last saw RUNNING (no SLURM call)."""
+    return sorted((j.job_id for j in board.board().all_jobs() if j.state == "RUNNING"), key=int)
 
 
 def cancel_everything() -> list[str]:
@@ -156,7 +136,7 @@ def cancel_everything() -> list[str]:
     shutting_down.set()
     names = sorted(active_job_names())
     for name in names:
-        slurm.cancel_named(name, wait=0)
+        jobs.cancel_named(name, wait=0)
     shell.terminate_all()
     return names
 

@@ -13,7 +13,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -139,14 +139,6 @@ def render_job_script(kwargs: Mapping[str, Any], scheduler: str = "tcp://SCHEDUL
 
 
 # --------------------------------------------------------------------------- queries
-@dataclass(frozen=True)
-class JobState:
-    job_id: str
-    state: str
-    reason: str
-    nodelist: str
-
-
 def _slurm(argv: Sequence[str], timeout: float = 30) -> str:
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"`{argv[0]}` is not on PATH. {SLURM_INSTALL_HINT}")
@@ -156,16 +148,33 @@ def _slurm(argv: Sequence[str], timeout: float = 30) -> str:
         raise SlurmError(f"{exc}\n{SLURM_INSTALL_HINT}") from None
 
 
+_checked: dict[str, str] = {}  # what SLURM already accepted in this process (sinfo, test-only)
+_checked_lock = threading.Lock()
+
+
 def check_available() -> None:
-    """Raise SlurmError with the fix when SLURM's commands are missing or the controller is down."""
+    """Raise SlurmError with the fix when SLURM's commands are missing or the controller is down.
+    Once SLURM answered, later calls in this process ask nothing (one ``sinfo`` per process)."""
     for cmd in ("sbatch", "srun", "squeue", "scancel"):
         if shutil.which(cmd) is None:
             raise SlurmError(f"`{cmd}` is not on PATH. {SLURM_INSTALL_HINT}")
+    with _checked_lock:
+        if "sinfo" in _checked:
+            return
     _slurm(["sinfo", "-h", "-o", "%P"], timeout=20)
+    with _checked_lock:
+        _checked["sinfo"] = "ok"
 
 
 def test_submit(script: str) -> str:
-    """``sbatch --test-only``: SLURM validates the job (partition, nodes, account) submitting nothing."""
+    """``sbatch --test-only``: SLURM validates the job (partition, nodes, account) submitting nothing.
+
+    A script SLURM accepted once in this process is not asked about again: pass the same script
+    for the same partition and shape (``run_cluster_kwargs`` with a fixed job name and ports).
+    """
+    with _checked_lock:
+        if script in _checked:
+            return _checked[script]
     with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="askap-test-") as fh:
         fh.write(script)
         fh.flush()
@@ -181,17 +190,9 @@ def test_submit(script: str) -> str:
             f"{nodes.strip()}\nCheck the profile's partition, account, nodes and memory against "
             "it (`askap-flows render` shows the job script). Nothing was submitted."
         )
+    with _checked_lock:
+        _checked[script] = said
     return said
-
-
-def jobs_named(name: str) -> list[JobState]:
-    out = _slurm(["squeue", "-h", "--name", name, "-o", "%i|%T|%r|%N"])
-    states = []
-    for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 4:
-            states.append(JobState(*parts))
-    return states
 
 
 def jobs_with_prefix(prefix: str) -> list[tuple[str, str, str, str]]:
@@ -216,58 +217,70 @@ def job_info(job_id: str) -> dict[str, str]:
     return info
 
 
-def node_problems(nodes: Sequence[str]) -> dict[str, str]:
-    """Nodes SLURM reports down, drained, failed or not responding ('*'), with SLURM's reason."""
+def node_problems(nodes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(failed, other): nodes SLURM reports down or not responding ('*'), which lose jobs; and
+    nodes that are merely drained, draining, in maintenance or completing, which do not. Each
+    maps a node to its state and SLURM's reason. One ``sinfo`` call, at the moment a task failed."""
     if not nodes:
-        return {}
+        return {}, {}
     try:
         out = shell.output(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N|%t|%E"],
                            timeout=30)
     except shell.CommandError:
-        return {}
-    bad = {}
-    for line in out.splitlines():
+        return {}, {}
+    return classify_nodes(out)
+
+
+def classify_nodes(sinfo_out: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``sinfo -N -o '%N|%t|%E'`` lines split into (failed, other) as in ``node_problems``."""
+    failed, other = {}, {}
+    for line in sinfo_out.splitlines():
         parts = line.strip().split("|", 2)
         if len(parts) != 3:
             continue
         node, state, reason = parts
-        if state.endswith("*") or state.startswith(("down", "drain", "drng", "fail", "maint")):
-            bad[node] = f"{state}" + (f", SLURM reason: {reason}" if reason and reason != "none" else "")
-    return bad
+        text = state + (f", SLURM reason: {reason}" if reason and reason != "none" else "")
+        if state.endswith("*") or state.startswith(("down", "fail")) and state != "failg":
+            failed[node] = text
+        elif state.startswith(("drain", "drng", "maint", "comp", "failg")):
+            other[node] = text
+    return failed, other
 
 
-def job_lost(job_id: str, job_name: str, nodes: Sequence[str], log_path: str) -> JobLost:
-    """Why a job ended while its sub-flow still needed it, as a JobLost whose message names the
-    job, its nodes, SLURM's state and reason, the failed nodes, and the fix."""
-    info = job_info(job_id)
-    state = info.get("JobState", "ENDED (no longer known to SLURM)")
-    reason = info.get("Reason", "unknown")
-    nodes = list(nodes) or hostnames(info.get("NodeList", ""))
-    problems = node_problems(nodes)
+def job_lost(job, job_name: str, log_path: str) -> JobLost:
+    """Why a job (a ``board.JobState``) ended while its sub-flow still needed it, as a JobLost
+    whose message names the job, its nodes, SLURM's state and reason, the failed nodes, and the
+    fix. Retryable only when a node failed: NODE_FAIL, or a node SLURM reports down or not
+    responding (a job cancelled because its worker's node died counts too)."""
+    state, reason, job_id = job.state, job.reason or "unknown", job.job_id
+    nodes = hostnames(job.nodelist)
+    failed, other = node_problems(nodes)
     where = ",".join(nodes) or "?"
     head = f"SLURM job {job_id} ({job_name}) on {where}"
     tail = f" Its output is in {log_path}."
-    if problems:
-        which = "; ".join(f"{n} is {p}" for n, p in problems.items())
-        text = (f"{head} lost node(s) {','.join(problems)} while its sub-flow was running ({which}; "
+    note = "".join(f" ({n} is {p}: not a cause of failure)" for n, p in other.items())
+    if state in RETRYABLE_STATES:
+        text = (f"{head} ended with {state} (reason: {reason}): one of its nodes failed"
+                + (f" ({'; '.join(f'{n} is {p}' for n, p in failed.items())})" if failed else "")
+                + ". Pass retries=N to mpi_subflow to re-run on a fresh allocation.")
+    elif failed and state != "TIMEOUT":
+        which = "; ".join(f"{n} is {p}" for n, p in failed.items())
+        text = (f"{head} lost node(s) {','.join(failed)} while its sub-flow was running ({which}; "
                 f"job state {state}, reason: {reason}). Pass retries=N to mpi_subflow to re-run "
                 "on a fresh allocation without that node, and tell the cluster's admins.")
-    elif state == "NODE_FAIL":
-        text = (f"{head} ended with NODE_FAIL (reason: {reason}): one of its nodes failed. Pass "
-                "retries=N to mpi_subflow to re-run on a fresh allocation.")
     elif state == "TIMEOUT":
-        text = (f"{head} reached its walltime ({info.get('TimeLimit', '?')}) and SLURM ended it "
+        text = (f"{head} reached its walltime ({job.time_limit or '?'}) and SLURM ended it "
                 "(state TIMEOUT). Raise the allocation's walltime in the profile, or give the "
                 "sub-flow less work.")
+        failed = {}
     elif state == "CANCELLED":
         text = (f"{head} was cancelled while its sub-flow was running (state CANCELLED, reason: "
-                f"{reason}): by scancel (you or an admin), or by dask-jobqueue after the job's "
-                "Dask worker vanished (its node died: check `sinfo -N`). It is not retried; run "
-                "the sub-flow again if the cancel was a mistake.")
+                f"{reason}), by scancel (you or an admin). It is not retried; run the sub-flow "
+                "again if the cancel was a mistake.")
     else:
-        text = (f"{head} ended ({state}, reason: {reason}) while its sub-flow was still running.")
-    return JobLost(text + tail, job_id=job_id, state=state, reason=reason, nodes=nodes,
-                   failed_nodes=list(problems))
+        text = f"{head} ended ({state}, reason: {reason}) while its sub-flow was still running."
+    return JobLost(text + note + tail, job_id=job_id, state=state, reason=reason, nodes=nodes,
+                   failed_nodes=list(failed))
 
 
 def hostnames(nodelist: str) -> list[str]:
@@ -275,26 +288,6 @@ def hostnames(nodelist: str) -> list[str]:
     if not nodelist or nodelist in ("(null)", "None"):
         return []
     return _slurm(["scontrol", "show", "hostnames", nodelist]).split()
-
-
-def cancel_named(name: str, wait: float = 30.0) -> list[str]:
-    """Cancel every job with this name; wait up to ``wait`` s until squeue no longer lists them.
-
-    ``scancel`` runs even when squeue cannot answer (on shutdown, cancelling matters most).
-    Returns the ids of the jobs squeue listed before the cancel.
-    """
-    try:
-        jobs = [j.job_id for j in jobs_named(name)]
-    except SlurmError:
-        jobs = []
-    try:
-        shell.run(["scancel", "--name", name], check=False, timeout=30)
-    except shell.CommandError:  # scancel missing or hanging: nothing more can be done here
-        return jobs
-    deadline = time.monotonic() + wait
-    while jobs and time.monotonic() < deadline and jobs_named(name):
-        time.sleep(0.2)
-    return jobs
 
 
 def job_env() -> dict[str, str]:

@@ -1,0 +1,268 @@
+"""The job board: one thread per process asks SLURM about every job the process tracks, in ONE
+``squeue`` call per interval, and everyone else reads its cache or waits on its changes.
+
+Readers (the job watch of every sub-flow, a cluster's close, cancels, the progress line, the
+classification of failures, ``cleanup``) never call ``squeue`` themselves, so the load a pipeline
+puts on slurmctld does not grow with the number of its sub-flows. ``--states=all`` keeps a job
+that already ended in the answer, with its final state and reason, for SLURM's MinJobAge (300 s by
+default): a job that starts and ends between two polls is still seen.
+
+The interval adapts: ``low`` seconds while jobs are being tracked, start or end (or a reader asks
+for a fresh answer), growing to ``high`` while nothing changes. A failed query is retried with
+backoff and logged once; only after ``grace`` seconds without an answer do the waiters fail. The
+knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-3") and
+``ASKAP_FLOWS_SLURM_GRACE`` (seconds, default 60).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from . import shell
+from .slurm import SlurmError
+
+POLL_ENV, GRACE_ENV = "ASKAP_FLOWS_SLURM_POLL", "ASKAP_FLOWS_SLURM_GRACE"
+DEFAULT_POLL, DEFAULT_GRACE = (1.0, 3.0), 60.0
+FORMAT = "%i|%j|%T|%r|%N|%l"
+#: states of a job that has not ended yet (everything else is final)
+ACTIVE_STATES = frozenset({
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
+    "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
+})
+
+#: the state of a job that left squeue's answer before its final state was seen
+GONE = "ENDED"
+
+log = logging.getLogger("askap_flows")
+
+
+class ControllerUnreachable(SlurmError):
+    """squeue did not answer for longer than the grace period."""
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_id: str
+    name: str
+    state: str
+    reason: str
+    nodelist: str
+    time_limit: str = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.state not in ACTIVE_STATES
+
+
+def squeue_command(names: Iterable[str]) -> list[str]:
+    """One query for every tracked job, including those that ended less than MinJobAge ago."""
+    return ["squeue", "-h", "--states=all", "--name", ",".join(sorted(names)), "-o", FORMAT]
+
+
+def parse_squeue(text: str) -> list[JobState]:
+    """The lines of ``squeue -o FORMAT`` as JobStates (lines of another shape are skipped)."""
+    jobs = []
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 6 and parts[0]:
+            jobs.append(JobState(*parts))
+    return jobs
+
+
+def poll_settings(env: dict | None = None) -> tuple[float, float, float]:
+    """(low, high, grace) from the environment, with a message that names a malformed value."""
+    env = os.environ if env is None else env
+    text = env.get(POLL_ENV, "").strip()
+    low, high = DEFAULT_POLL
+    try:
+        if text:
+            low, high = (float(x) for x in text.split("-", 1)) if "-" in text else (float(text),) * 2
+        grace = float(env.get(GRACE_ENV, "").strip() or DEFAULT_GRACE)
+    except ValueError:
+        raise ValueError(f"{POLL_ENV}={text!r} / {GRACE_ENV}={env.get(GRACE_ENV)!r}: use "
+                         f"{POLL_ENV}=LOW-HIGH seconds (e.g. 1-3) and {GRACE_ENV}=SECONDS.") from None
+    if not (0.1 <= low <= high) or grace < 0:
+        raise ValueError(f"{POLL_ENV}={text!r}: need 0.1 <= LOW <= HIGH; {GRACE_ENV} >= 0.")
+    return low, high, grace
+
+
+def run_squeue(names: Sequence[str]) -> str:
+    return shell.output(squeue_command(names), timeout=30)
+
+
+class JobBoard:
+    """SLURM's view of the jobs this process tracks, refreshed by one thread."""
+
+    def __init__(self, query: Callable[[Sequence[str]], str] = run_squeue,
+                 low: float | None = None, high: float | None = None,
+                 grace: float | None = None) -> None:
+        d_low, d_high, d_grace = poll_settings()
+        self.low = d_low if low is None else low
+        self.high = d_high if high is None else high
+        self.grace = d_grace if grace is None else grace
+        self._query = query
+        self._cond = threading.Condition()
+        self._names: dict[str, int] = {}  # tracked name -> number of holders
+        self._jobs: dict[str, JobState] = {}  # job id -> last seen state
+        self._polls = 0  # successful polls so far
+        self._failing_since: float | None = None
+        self._error: str | None = None  # set once the controller did not answer for `grace` s
+        self._urgent = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- tracking
+    def track(self, name: str) -> None:
+        with self._cond:
+            self._names[name] = self._names.get(name, 0) + 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="askap-job-board")
+                self._thread.start()
+        self._urgent.set()
+
+    def untrack(self, name: str) -> None:
+        with self._cond:
+            left = self._names.get(name, 0) - 1
+            if left > 0:
+                self._names[name] = left
+                return
+            self._names.pop(name, None)
+            for job_id in [i for i, j in self._jobs.items() if j.name == name]:
+                del self._jobs[job_id]
+
+    def tracked(self) -> set[str]:
+        with self._cond:
+            return set(self._names)
+
+    # ----------------------------------------------------------------- reading
+    def jobs(self, name: str) -> list[JobState]:
+        """The jobs of this name as last seen, oldest first (no SLURM call)."""
+        with self._cond:
+            return sorted((j for j in self._jobs.values() if j.name == name),
+                          key=lambda j: int(j.job_id) if j.job_id.isdigit() else 0)
+
+    def job(self, job_id: str) -> JobState | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def all_jobs(self) -> list[JobState]:
+        with self._cond:
+            return list(self._jobs.values())
+
+    def wait(self, done: Callable[[], bool], timeout: float, fresh: bool = False) -> bool:
+        """Wait until ``done()`` (checked after every poll) is true, up to ``timeout`` s.
+
+        ``fresh``: ask for a poll now and judge only answers given after this call (e.g. right
+        after a cancel). Raises ControllerUnreachable when SLURM has not answered for the grace
+        period; False on timeout.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            start = self._polls + (1 if fresh else 0)
+            if fresh:
+                self._urgent.set()
+            while True:
+                if self._error:
+                    raise ControllerUnreachable(self._error)
+                if self._polls >= start and done():
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+
+    def check(self) -> None:
+        """Raise ControllerUnreachable once SLURM has not answered for the grace period."""
+        with self._cond:
+            if self._error:
+                raise ControllerUnreachable(self._error)
+
+    def notify(self) -> None:
+        """Wake every waiter (e.g. a task finished): they re-check their condition."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def poll_soon(self) -> None:
+        self._urgent.set()
+
+    # ----------------------------------------------------------------- the thread
+    def _loop(self) -> None:
+        interval = self.low
+        while True:
+            with self._cond:
+                names = list(self._names)
+            if not names:
+                with self._cond:
+                    if not self._names:  # nothing to watch: the thread ends, track() restarts it
+                        self._thread = None
+                        return
+                continue
+            started = time.monotonic()
+            changed = self._poll_once(names)
+            interval = self.low if changed else min(self.high, interval * 1.5)
+            if self._failing_since is not None:
+                interval = min(5.0, max(self.low, (time.monotonic() - self._failing_since) / 4))
+            # an urgent request shortens the wait, but never below `low` between two polls
+            self._urgent.wait(interval)
+            self._urgent.clear()
+            rest = self.low - (time.monotonic() - started)
+            if rest > 0:
+                time.sleep(rest)
+
+    def _poll_once(self, names: list[str]) -> bool:
+        try:
+            out = self._query(names)
+        except Exception as exc:  # noqa: BLE001 - transient controller trouble is ridden out
+            now = time.monotonic()
+            with self._cond:
+                if self._failing_since is None:
+                    self._failing_since = now
+                    log.warning("SLURM did not answer squeue (%s); retrying for up to %g s",
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                                self.grace)
+                if now - self._failing_since > self.grace and not self._error:
+                    self._error = (
+                        f"the SLURM controller did not answer squeue for {self.grace:g} s "
+                        f"(last error: {str(exc).strip()[:300]}). Check `sinfo` and the site's "
+                        f"status page; raise {GRACE_ENV} to wait longer.")
+                    self._cond.notify_all()
+            return True
+        seen = parse_squeue(out)
+        with self._cond:
+            if self._failing_since is not None:
+                log.warning("SLURM answers again after %.0f s",
+                            time.monotonic() - self._failing_since)
+            self._failing_since, self._error = None, None
+            tracked = set(self._names)
+            changed = False
+            for job in seen:
+                if job.name in tracked and self._jobs.get(job.job_id) != job:
+                    self._jobs[job.job_id] = job
+                    changed = True
+            listed = {j.job_id for j in seen}
+            for job_id, job in list(self._jobs.items()):
+                if not job.ended and job_id not in listed:  # ended longer than MinJobAge ago
+                    self._jobs[job_id] = JobState(job.job_id, job.name, GONE, "left the queue",
+                                                  job.nodelist, job.time_limit)
+                    changed = True
+            self._polls += 1
+            self._cond.notify_all()
+        return changed
+
+
+_board: JobBoard | None = None
+_board_lock = threading.Lock()
+
+
+def board() -> JobBoard:
+    """This process's job board (made on first use)."""
+    global _board
+    with _board_lock:
+        if _board is None:
+            _board = JobBoard()
+        return _board

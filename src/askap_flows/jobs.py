@@ -1,0 +1,88 @@
+"""One sub-flow's SLURM job: its frozen handle, its dask-jobqueue job class, and its cancel.
+
+The handle is made where the cluster is built and travels with the run (flow parameters, the
+watch, the classification of failures). Every question about the job's state is answered by the
+process's job board (``board.py``); nothing here loops on ``squeue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from dask_jobqueue.slurm import SLURMJob
+
+from . import board, shell
+
+#: seconds a closing cluster waits for its retired worker to end its job before cancelling it
+WORKER_EXIT_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """The facts of one sub-flow run's job, fixed when its cluster is built."""
+
+    token: str
+    job_name: str | None  # None for the local backend
+    log_dir: str
+    start_timeout: float
+    backend: str
+
+    def job(self) -> board.JobState | None:
+        """The job once the board has seen it (the first one of this name: dask-jobqueue may
+        submit a replacement under the same name, which does not count)."""
+        jobs = board.board().jobs(self.job_name) if self.job_name else []
+        return jobs[0] if jobs else None
+
+    def err_log(self, job_id: str) -> str:
+        return str(Path(self.log_dir) / f"{self.job_name}-{job_id}.err")
+
+
+class BoardJob(SLURMJob):
+    """dask-jobqueue's SLURM job whose close lets a running worker end the job by itself.
+
+    SpecCluster retires a worker before it closes its job; the worker, exec'd in the batch script,
+    then exits and the job ends. ``scancel`` while the worker is still shutting down made its
+    SIGTERM land in that shutdown, which hung until SLURM's KillWait with the nodes held in
+    COMPLETING. So a running job gets WORKER_EXIT_GRACE seconds to end (watched on the board); a
+    job still pending or still running after that is cancelled as dask-jobqueue would.
+    """
+
+    async def close(self):
+        if self.job_id and self.job_name:
+            b = board.board()
+            job_id = str(self.job_id)
+            state = b.job(job_id)
+            if state is not None and (state.ended or state.state == "RUNNING"):
+                try:
+                    ended = await asyncio.to_thread(
+                        b.wait, lambda: (b.job(job_id) or state).ended, WORKER_EXIT_GRACE, True)
+                except board.ControllerUnreachable:
+                    ended = False
+                if ended:
+                    return
+        await super().close()
+
+
+def cancel_named(name: str, wait: float = 30.0) -> list[str]:
+    """Cancel every job of this name; wait up to ``wait`` s until the board shows them ended.
+
+    ``scancel`` runs even when SLURM cannot be queried (on shutdown, cancelling matters most).
+    Returns the ids of the jobs of this name the board knows.
+    """
+    b = board.board()
+    b.track(name)
+    try:
+        try:
+            shell.run(["scancel", "--name", name], check=False, timeout=30)
+        except shell.CommandError:  # scancel missing or hanging: nothing more can be done here
+            return [j.job_id for j in b.jobs(name)]
+        if wait > 0:
+            try:
+                b.wait(lambda: all(j.ended for j in b.jobs(name)), wait, fresh=True)
+            except board.ControllerUnreachable:
+                pass
+        return [j.job_id for j in b.jobs(name)]
+    finally:
+        b.untrack(name)

@@ -1,0 +1,166 @@
+"""The job board driven by recorded ``squeue`` answers (no SLURM): one query for every tracked job,
+a job that ended before the first poll, controller trouble ridden out, and the waiters."""
+
+import threading
+import time
+
+import pytest
+
+from askap_flows import board, slurm
+
+pytestmark = pytest.mark.unit
+
+
+class Recorded:
+    """Plays back squeue answers; the last one repeats. An Exception in the list is raised."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.calls: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, names):
+        with self.lock:
+            self.calls.append(sorted(names))
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def line(job_id, name, state, reason="None", nodes="node1", limit="10:00"):
+    return f"{job_id}|{name}|{state}|{reason}|{nodes}|{limit}\n"
+
+
+def test_the_query_asks_for_every_tracked_name_with_ended_jobs_included():
+    cmd = board.squeue_command(["b-2", "a-1"])
+    assert cmd[:3] == ["squeue", "-h", "--states=all"]
+    assert cmd[cmd.index("--name") + 1] == "a-1,b-2"
+
+
+def test_parse_squeue_skips_lines_of_another_shape():
+    jobs = board.parse_squeue(line(7, "a", "RUNNING") + "garbage\n" + line(8, "b", "NODE_FAIL"))
+    assert [(j.job_id, j.state, j.ended) for j in jobs] == [("7", "RUNNING", False),
+                                                            ("8", "NODE_FAIL", True)]
+
+
+def test_one_query_per_interval_serves_every_tracked_job():
+    q = Recorded("".join(line(100 + i, f"run-{i}", "RUNNING") for i in range(20)))
+    b = board.JobBoard(q, low=0.1, high=0.1)
+    for i in range(20):
+        b.track(f"run-{i}")
+    assert b.wait(lambda: all(b.jobs(f"run-{i}") for i in range(20)), 5)
+    time.sleep(0.35)
+    calls = len(q.calls)
+    assert calls <= 6, f"{calls} squeue calls for 20 jobs in ~0.4 s: one per interval expected"
+    assert len(q.calls[-1]) == 20  # each call asks about all of them at once
+
+
+def test_a_job_that_ended_before_the_first_poll_is_seen_with_its_final_state():
+    q = Recorded(line(55, "short", "NODE_FAIL", reason="NodeDown", nodes="node2"))
+    b = board.JobBoard(q, low=0.1, high=0.1)
+    b.track("short")
+    assert b.wait(lambda: bool(b.jobs("short")), 5)
+    job = b.jobs("short")[0]
+    assert job.ended and job.state == "NODE_FAIL" and job.reason == "NodeDown"
+
+
+def test_a_job_that_left_the_queue_unseen_is_marked_ended():
+    q = Recorded(line(9, "gone", "RUNNING"), "")
+    b = board.JobBoard(q, low=0.1, high=0.1)
+    b.track("gone")
+    assert b.wait(lambda: bool(b.jobs("gone")) and b.jobs("gone")[0].ended, 5)
+    assert b.jobs("gone")[0].state == board.GONE
+
+
+def test_a_replacement_job_of_the_same_name_comes_after_the_first():
+    q = Recorded(line(12, "x", "RUNNING") + line(11, "x", "CANCELLED"))
+    b = board.JobBoard(q, low=0.1, high=0.1)
+    b.track("x")
+    assert b.wait(lambda: len(b.jobs("x")) == 2, 5)
+    assert [j.job_id for j in b.jobs("x")] == ["11", "12"]
+
+
+def test_transient_controller_trouble_is_ridden_out_and_logged_once(caplog):
+    err = RuntimeError("slurm_load_jobs error: Unable to contact slurm controller")
+    q = Recorded(err, err, err, line(3, "j", "RUNNING"))
+    b = board.JobBoard(q, low=0.1, high=0.1, grace=30)
+    with caplog.at_level("WARNING", logger="askap_flows"):
+        b.track("j")
+        assert b.wait(lambda: bool(b.jobs("j")), 20)
+    b.check()  # no error left
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("did not answer" in m for m in said) == 1
+    assert any("answers again" in m for m in said)
+
+
+def test_after_the_grace_period_waiters_fail_with_the_cause():
+    q = Recorded(RuntimeError("Unable to contact slurm controller"))
+    b = board.JobBoard(q, low=0.1, high=0.1, grace=0.5)
+    b.track("j")
+    with pytest.raises(board.ControllerUnreachable, match="did not answer squeue for 0.5 s"):
+        b.wait(lambda: False, 20)
+    with pytest.raises(slurm.SlurmError):
+        b.check()
+
+
+def test_fresh_waits_judge_only_answers_given_after_the_call():
+    q = Recorded(line(4, "c", "RUNNING"), line(4, "c", "CANCELLED"))
+    b = board.JobBoard(q, low=0.1, high=0.1)
+    b.track("c")
+    assert b.wait(lambda: bool(b.jobs("c")), 5)
+    assert b.wait(lambda: b.jobs("c")[0].ended, 5, fresh=True)
+
+
+def test_the_interval_grows_while_nothing_changes():
+    q = Recorded(line(5, "steady", "RUNNING"))
+    b = board.JobBoard(q, low=0.05, high=0.4)
+    b.track("steady")
+    time.sleep(2.0)
+    # at 0.05 s apart there would be ~40 calls; growing by 1.5x up to 0.4 s gives ~8
+    assert 4 <= len(q.calls) <= 14, len(q.calls)
+
+
+def test_untracked_names_are_no_longer_asked_about_and_the_thread_ends():
+    q = Recorded(line(6, "a", "RUNNING"))
+    b = board.JobBoard(q, low=0.05, high=0.05)
+    b.track("a")
+    assert b.wait(lambda: bool(b.jobs("a")), 5)
+    b.untrack("a")
+    time.sleep(0.3)
+    n = len(q.calls)
+    time.sleep(0.3)
+    assert len(q.calls) == n and b.jobs("a") == []
+
+
+def test_poll_settings_from_the_environment():
+    assert board.poll_settings({}) == (1.0, 3.0, 60.0)
+    assert board.poll_settings({board.POLL_ENV: "2-10", board.GRACE_ENV: "120"}) == (2, 10, 120)
+    with pytest.raises(ValueError, match=board.POLL_ENV):
+        board.poll_settings({board.POLL_ENV: "fast"})
+
+
+def test_node_classification_retries_only_for_failed_nodes():
+    failed, other = slurm.classify_nodes(
+        "node1|down*|Not responding\nnode2|drain|maintenance\nnode3|idle*|none\n"
+        "node4|drng|x\nnode5|maint|none\nnode6|comp|none\nnode7|alloc|none\n")
+    assert set(failed) == {"node1", "node3"}
+    assert set(other) == {"node2", "node4", "node5", "node6"}
+
+
+@pytest.mark.parametrize("state,sinfo,retryable", [
+    ("TIMEOUT", "node1|drain|maint\n", False),       # walltime on a draining node: not a node loss
+    ("FAILED", "node1|drng|maint\n", False),         # the program failed on a draining node
+    ("CANCELLED", "node1|maint|none\n", False),      # scancel while a node is in maintenance
+    ("TIMEOUT", "node1|down*|Not responding\n", False),  # the walltime is the cause
+    ("CANCELLED", "node1|down*|Not responding\n", True),  # the worker's node died: cancelled
+    ("NODE_FAIL", "node1|idle|none\n", True),
+    ("COMPLETED", "node1|idle*|none\n", True),       # not responding for this job
+])
+def test_only_a_failed_node_makes_a_lost_job_retryable(monkeypatch, state, sinfo, retryable):
+    monkeypatch.setattr(slurm, "hostnames", lambda nodelist: ["node1"])
+    monkeypatch.setattr(slurm, "node_problems", lambda nodes: slurm.classify_nodes(sinfo))
+    job = board.JobState("77", "run-x", state, "None", "node1", "00:01:00")
+    lost = slurm.job_lost(job, "run-x", "/logs/run-x-77.err")
+    assert lost.retryable is retryable, lost
+    assert "77" in str(lost) and "/logs/run-x-77.err" in str(lost)
