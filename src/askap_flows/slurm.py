@@ -259,15 +259,14 @@ def job_lost(job, job_name: str, log_path: str) -> JobLost:
     head = f"SLURM job {job_id} ({job_name}) on {where}"
     tail = f" Its output is in {log_path}."
     note = "".join(f" ({n} is {p}: not a cause of failure)" for n, p in other.items())
-    if state in RETRYABLE_STATES:
-        text = (f"{head} ended with {state} (reason: {reason}): one of its nodes failed"
-                + (f" ({'; '.join(f'{n} is {p}' for n, p in failed.items())})" if failed else "")
-                + ". Pass retries=N to mpi_subflow to re-run on a fresh allocation.")
-    elif failed and state != "TIMEOUT":
+    if failed and state != "TIMEOUT":
         which = "; ".join(f"{n} is {p}" for n, p in failed.items())
         text = (f"{head} lost node(s) {','.join(failed)} while its sub-flow was running ({which}; "
                 f"job state {state}, reason: {reason}). Pass retries=N to mpi_subflow to re-run "
                 "on a fresh allocation without that node, and tell the cluster's admins.")
+    elif state in RETRYABLE_STATES:
+        text = (f"{head} ended with {state} (reason: {reason}): one of its nodes failed. Pass "
+                "retries=N to mpi_subflow to re-run on a fresh allocation.")
     elif state == "TIMEOUT":
         text = (f"{head} reached its walltime ({job.time_limit or '?'}) and SLURM ended it "
                 "(state TIMEOUT). Raise the allocation's walltime in the profile, or give the "
