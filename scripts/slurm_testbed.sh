@@ -13,6 +13,9 @@
 #                                    --slurmd-only) every process on it; pauses the watchdog.
 #                                    slurmctld notices after ~20 s, or at once with --down-now
 #   slurm_testbed.sh revive-node K   start nodeK's slurmd again, unpause, wait until idle
+#   slurm_testbed.sh stop-controller stop slurmctld (a controller restart or outage: every
+#                                    SLURM command fails until start-controller); jobs keep running
+#   slurm_testbed.sh start-controller start slurmctld again and wait until it answers
 #
 # Knobs: ASKAP_TESTBED_DIR (/tmp/askap_testbed), ASKAP_TESTBED_NODES (3),
 #        ASKAP_TESTBED_CPUS (4 per node), ASKAP_TESTBED_MEM (4000 MB per node).
@@ -567,6 +570,22 @@ cmd_revive_node() {
   return 0
 }
 
+cmd_stop_controller() {
+  local pid
+  need_root
+  pid=$(pid_of "$RUN/slurmctld.pid" slurmctld) || { log "slurmctld is not running"; return 0; }
+  kill -TERM "$pid"
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  ! kill -0 "$pid" 2>/dev/null || die "slurmctld (pid $pid) did not stop" "$LOG/slurmctld.log"
+  log "slurmctld stopped (was pid $pid)"
+}
+
+cmd_start_controller() {
+  need_root
+  [ -d "$RUN" ] || die "test bed is not up"
+  start_slurmctld
+}
+
 usage() {
   sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
@@ -581,6 +600,8 @@ main() {
     status) cmd_status ;;
     kill-node) cmd_kill_node "$@" ;;
     revive-node) cmd_revive_node "$@" ;;
+    stop-controller) cmd_stop_controller ;;
+    start-controller) cmd_start_controller ;;
     _watchdog) cmd_watchdog ;;
     -h|--help|help) usage 0 ;;
     *) usage 2 >&2 ;;

@@ -8,12 +8,19 @@ process's job board (``board.py``); nothing here loops on ``squeue``.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dask_jobqueue.slurm import SLURMJob
 
 from . import board, shell
+
+#: what SLURM's commands say when the controller does not answer (worth another try)
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out on send/recv",
+               "Zero Bytes were transmitted or received")
+log = logging.getLogger("askap_flows")
 
 #: seconds a closing cluster waits for its retired worker to end its job before cancelling it
 WORKER_EXIT_GRACE = 10.0
@@ -49,6 +56,23 @@ class BoardJob(SLURMJob):
     job still pending or still running after that is cancelled as dask-jobqueue would.
     """
 
+    async def start(self):
+        """Submit; while the controller cannot be reached (a restart, a busy controller) try
+        again with backoff for the board's grace period instead of failing the sub-flow."""
+        b = board.board()
+        deadline = time.monotonic() + b.grace
+        pause = 1.0
+        while True:
+            try:
+                return await super().start()
+            except Exception as exc:  # noqa: BLE001 - only an unreachable controller is retried
+                if not any(t in str(exc) for t in UNREACHABLE) or time.monotonic() > deadline:
+                    raise
+                log.warning("sbatch could not reach the SLURM controller; trying again in %g s "
+                            "(for up to %g s)", pause, b.grace)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+
     async def close(self):
         if self.job_id and self.job_name:
             b = board.board()
@@ -73,11 +97,17 @@ def cancel_named(name: str, wait: float = 30.0) -> list[str]:
     """
     b = board.board()
     b.track(name)
+    deadline = time.monotonic() + (b.grace if wait > 0 else 0)
     try:
-        try:
-            shell.run(["scancel", "--name", name], check=False, timeout=30)
-        except shell.CommandError:  # scancel missing or hanging: nothing more can be done here
-            return [j.job_id for j in b.jobs(name)]
+        while True:
+            try:
+                res = shell.run(["scancel", "--name", name], check=False, timeout=30)
+            except shell.CommandError:  # scancel missing or hanging: nothing more can be done
+                return [j.job_id for j in b.jobs(name)]
+            said = res.stderr or ""
+            if not any(t in said for t in UNREACHABLE) or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)  # the controller is restarting: the cancel must still happen
         if wait > 0:
             try:
                 b.wait(lambda: all(j.ended for j in b.jobs(name)), wait, fresh=True)
