@@ -48,7 +48,7 @@ def test_unknown_plugin_names_the_choices():
 
 
 def test_memory_must_have_a_unit_form():
-    with pytest.raises(SpecError, match="memory 'lots' is not a size"):
+    with pytest.raises(SpecError, match="memory 'lots' cannot go into a job script: memory must be a number with a unit"):
         AllocationSpec(memory="lots")
 
 

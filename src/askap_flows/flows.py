@@ -21,8 +21,9 @@ import distributed
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from . import compat, launch, mpi, runners, slurm
-from .spec import AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs
+from . import compat, host, launch, mpi, runners, slurm
+from .spec import (AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs,
+                   whole_number)
 
 @dataclass
 class MPIRunResult:
@@ -220,7 +221,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
         elif now - started > min(start_timeout, 60.0):
             raise slurm.SlurmError(
                 f"no SLURM job named {job_name} appeared within {min(start_timeout, 60.0):g} s: "
-                f"the Dask cluster could not submit it. See {mpi.askap_home() / 'logs'} and run "
+                f"the Dask cluster could not submit it. See {host.log_dir()} and run "
                 "`askap-flows render` with the same profile to check the job script."
             )
     return (seen.job_id, nodes) if seen is not None else None
@@ -228,7 +229,7 @@ def _watch_job(future, job_name: str, start_timeout: float, logger) -> tuple[str
 
 def _job_lost(job_id: str, job_name: str, nodes: list[str]) -> slurm.JobLost:
     return slurm.job_lost(job_id, job_name, nodes,
-                          f"{mpi.askap_home() / 'logs'}/{job_name}-{job_id}.err")
+                          f"{host.log_dir()}/{job_name}-{job_id}.err")
 
 
 def _result(future, job: tuple[str, list[str]] | None, job_name: str | None):
@@ -290,8 +291,7 @@ def mpi_subflow(
         MPIError, SlurmError when the run itself fails. No SLURM job outlives the call.
     """
     called = time.time()
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise TypeError(f"retries must be a whole number >= 0, got {retries!r}.")
+    whole_number("retries", retries, minimum=0)
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
@@ -384,8 +384,7 @@ def array_subflow(
     ``allocation`` says otherwise), closed when it ends.
     """
     for field_name, value in (("n_arrays", n_arrays), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TypeError(f"{field_name} must be a whole number >= 1, got {value!r}.")
+        whole_number(field_name, value)
     over = {"nodes": 1, "ntasks_per_node": 1}
     if isinstance(allocation, Mapping):
         over.update(allocation)
@@ -425,8 +424,7 @@ def run_subflows(
     flow, each call becomes a sub-flow run of it (the flow context is copied into each thread).
     ``on_done(outcome)`` is called as each one finishes (for progress output).
     """
-    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be a whole number >= 1, got {max_concurrent!r}.")
+    whole_number("max_concurrent", max_concurrent)
     calls = list(calls)
     for i, c in enumerate(calls):
         if not callable(c):

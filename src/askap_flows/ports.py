@@ -22,11 +22,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .errors import AskapFlowsError
+
 PORTS_ENV = "ASKAP_FLOWS_PORTS"
 DEFAULT_RANGE = (20000, 31999)
 
 
-class PortError(RuntimeError):
+class PortError(AskapFlowsError, RuntimeError):
     """No free port is left in the configured range, or the range is malformed."""
 
 

@@ -21,7 +21,7 @@ import dask
 import dask_jobqueue
 from prefect_dask import DaskTaskRunner
 
-from . import mpi, ports, shell, slurm
+from . import host, ports, shell, slurm
 from .spec import AllocationSpec
 
 LOCAL_HOST = "127.0.0.1"
@@ -127,7 +127,7 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
         return
     job_name = f"{alloc.job_name_prefix}-{token}"
     host = slurm.scheduler_host(alloc)
-    log_dir = mpi.askap_home() / "logs"
+    log_dir = host.log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     with ports.reserve(2, host) as held:
         kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=held.ports[0],

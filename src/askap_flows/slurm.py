@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import shell
+from . import host, shell
+from .errors import AskapFlowsError
 from .spec import AllocationSpec
 
 #: environment variables a job must carry so that its Dask worker finds the Prefect API and SLURM
@@ -32,7 +33,7 @@ SLURM_INSTALL_HINT = (
 )
 
 
-class SlurmError(RuntimeError):
+class SlurmError(AskapFlowsError, RuntimeError):
     """SLURM refused or lost a job; the message says what SLURM said and what to do."""
 
 
@@ -303,16 +304,11 @@ def job_env() -> dict[str, str]:
 
 
 def interface_address(interface: str) -> str:
-    """The IPv4 address of a network interface on this host (for the scheduler's dashboard)."""
-    from distributed.utils import get_ip_interface
-
-    try:
-        return get_ip_interface(interface)
-    except ValueError as exc:
-        raise ValueError(
-            f"network interface {interface!r} has no IPv4 address on this host ({exc}). Set the "
-            "profile's scheduler_interface to one that exists here (`ip -br addr` lists them)."
-        ) from None
+    """The IPv4 address of the scheduler's network interface on this host (host.InterfaceError,
+    a ValueError, when it is not here): the same lookup `askap-flows doctor` reports."""
+    return host.interface_address(
+        interface, fix="Set the profile's scheduler_interface to one that exists here (`askap-flows "
+        "doctor --profile PROFILE` checks it).")
 
 
 def scheduler_host(alloc: AllocationSpec) -> str:
