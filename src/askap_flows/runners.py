@@ -21,7 +21,8 @@ import dask
 import dask_jobqueue
 from prefect_dask import DaskTaskRunner
 
-from . import host, ports, shell, slurm
+from . import ports, shell, slurm
+from .host import log_dir as job_log_dir
 from .spec import AllocationSpec
 
 LOCAL_HOST = "127.0.0.1"
@@ -127,7 +128,7 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
         return
     job_name = f"{alloc.job_name_prefix}-{token}"
     host = slurm.scheduler_host(alloc)
-    log_dir = host.log_dir()
+    log_dir = job_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     with ports.reserve(2, host) as held:
         kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=held.ports[0],
