@@ -275,3 +275,30 @@ def test_hostile_environment_variable_names_are_refused():
     for name in ("A;touch x", "A B", "$(x)", "1A", "A\nB", ""):
         with pytest.raises(SpecError, match="env: env_name .* must be an environment variable"):
             MPISpec(env={name: "1"})
+
+
+@pytest.mark.unit
+def test_hostile_home_directory_is_refused_or_inert(tmp_path):
+    """The log directory (under ASKAP_FLOWS_HOME) is written in double quotes in '#SBATCH' lines:
+    a double quote or a control character is refused, anything else stays inert."""
+    from askap_flows import slurm
+    from askap_flows.spec import AllocationSpec
+
+    bindir, marker, reached = _sandbox(tmp_path)
+    alloc = AllocationSpec(partition="debug", interface="lo", python=str(bindir / "python"))
+    for bad in (f'/x";{bindir}/payload;"', f"/x\n{bindir}/payload", f"/x\r{bindir}/payload"):
+        with pytest.raises(slurm.SlurmError, match="set ASKAP_FLOWS_HOME elsewhere"):
+            slurm.cluster_kwargs(alloc, job_name="a-b", log_directory=bad, env={},
+                                 dashboard_address="127.0.0.1:0")
+    for odd in (f"/x$({bindir}/payload)", f"/x`{bindir}/payload`", f"/x;{bindir}/payload"):
+        kwargs = slurm.cluster_kwargs(alloc, job_name="a-b", log_directory=odd,
+                                      env={"ASKAP_FLOWS_HOME": odd},
+                                      dashboard_address="127.0.0.1:0")
+        script = tmp_path / "job.sh"
+        script.write_text(slurm.render_job_script(kwargs, scheduler="tcp://127.0.0.1:1"))
+        import subprocess
+
+        subprocess.run(["bash", str(script)], cwd=tmp_path, timeout=60, capture_output=True,
+                       env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert reached.exists() and not marker.exists(), script.read_text()
+        reached.unlink()

@@ -96,9 +96,10 @@ def cluster_kwargs(
     One job of ``alloc.nodes`` nodes, one single-process Dask worker in it, and ``n_workers=1`` so
     the cluster submits that job as soon as it exists (no call to ``scale`` needed).
     """
-    if '"' in log_directory or "\n" in log_directory:
-        raise SlurmError(f"the log directory {log_directory!r} contains a double quote or a line "
-                         "break, which a job script cannot hold: set ASKAP_FLOWS_HOME elsewhere.")
+    if '"' in log_directory or any(ord(c) < 32 or ord(c) == 127 for c in log_directory):
+        raise SlurmError(f"the log directory {log_directory!r} contains a double quote, a line "
+                         "break or another control character, which a job script cannot hold: "
+                         "set ASKAP_FLOWS_HOME elsewhere.")
     scheduler_options: dict[str, Any] = {"dashboard_address": dashboard_address}
     if alloc.scheduler_interface:
         scheduler_options["interface"] = alloc.scheduler_interface
