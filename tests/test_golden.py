@@ -54,3 +54,17 @@ def test_render_uses_the_interface_address_where_it_exists(monkeypatch, capsys):
 
 def test_every_packaged_profile_has_a_golden_file():
     assert {p.stem for p in GOLDEN.glob("*.txt")} == set(packaged_profiles())
+
+
+@pytest.mark.parametrize("profile", ["pawsey_example", "setonix_example"])
+def test_render_of_a_site_profile_works_on_this_machine(profile):
+    """For real, in a subprocess: this machine has neither ipogif0 nor hsn0."""
+    import subprocess
+
+    if {"ipogif0", "hsn0"} & set(host.interfaces()):
+        pytest.skip("this host has the profile's interface")
+    r = subprocess.run([sys.executable, "-m", "askap_flows.cli", "render", "--profile", profile],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "tcp://SCHEDULER_ADDRESS:SCHEDULER_PORT" in r.stdout and "#SBATCH" in r.stdout
+    assert "does not exist on this host" in r.stderr and "Traceback" not in r.stderr
