@@ -120,8 +120,8 @@ def test_shell_metacharacters_in_paths_args_and_env_are_quoted_not_run(tmp_path,
     ("allocation", "walltime", "90 minutes", "is not a SLURM time"),
     ("allocation", "walltime", "1:2:3:4", "is not a SLURM time"),
     ("allocation", "walltime", "-01:00:00", "is not a SLURM time"),
-    ("allocation", "memory", "lots", "is not a size"),
-    ("allocation", "memory", "-4GB", "is not a size"),
+    ("allocation", "memory", "lots", "memory 'lots' cannot go into a job script: memory must be a number with a unit"),
+    ("allocation", "memory", "-4GB", "memory must be a number with a unit"),
     ("allocation", "nodes", -2, "nodes must be a whole number >= 1, got -2"),
     ("allocation", "ntasks_per_node", 0, "ntasks_per_node must be a whole number >= 1, got 0"),
     ("mpi", "ntasks", -6, "ntasks must be a whole number >= 1, got -6"),
@@ -169,3 +169,136 @@ def test_huge_requests_get_slurms_own_rejection(tmp_path, hello_program, key, va
             "configuration is not available") in r.stderr, r.stderr
     assert "Nothing was submitted" in r.stderr
     _no_traceback(r)
+
+
+# --------------------------------------------------------------------------- every job-script field
+#: every AllocationSpec field whose value reaches the job script (or the scheduler's command line)
+SCRIPT_FIELDS = ["partition", "account", "qos", "reservation", "clusters", "constraint",
+                 "interface", "scheduler_interface", "job_name_prefix", "memory", "walltime",
+                 "python", "local_directory", "extra_directives", "prologue"]
+#: fields that can only be names or sizes: every hostile value must be refused outright
+NAME_FIELDS = ["partition", "account", "qos", "reservation", "clusters", "interface",
+               "scheduler_interface", "job_name_prefix", "memory", "walltime"]
+#: ``{p}`` is an executable that creates the marker file, ``{m}`` the marker file itself
+HOSTILE_FORMS = ["lo;{p}", "lo|{p}", "lo&{p}", "lo&&{p}", "lo||{p}", "$({p})", "`{p}`",
+                 "lo\n{p}", "lo\r\n{p}", "lo'{p}'", 'lo"{p}"', "lo' ;{p}; '", 'lo" ;{p}; "',
+                 "lo|touch${{IFS}}{m}", "lo $({p})", "--gres=gpu:1\n{p}"]
+
+
+def _sandbox(tmp_path):
+    """A bin directory with a stand-in Python (records that the worker line was reached) and an
+    attacker's program (creates the marker)."""
+    import stat
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    marker, reached = tmp_path / "MARKER", tmp_path / "reached"
+    for name, body in (("python", f'echo "$@" > {reached}\n'), ("payload", f"touch {marker}\n")):
+        exe = bindir / name
+        exe.write_text(f"#!/bin/sh\n{body}")
+        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return bindir, marker, reached
+
+
+def _execute_job_script(alloc, tmp_path, bindir):
+    """Render the job script for ``alloc`` and run it with bash (no SLURM: #SBATCH lines are
+    comments to bash, and the Dask worker's Python is the stand-in)."""
+    import subprocess
+
+    from askap_flows import slurm
+
+    kwargs = slurm.cluster_kwargs(alloc, job_name=f"{alloc.job_name_prefix}-RUNID",
+                                  log_directory=str(tmp_path / "logs"),
+                                  env={"PREFECT_API_URL": "http://127.0.0.1:4200/api"},
+                                  dashboard_address="127.0.0.1:0")
+    script = tmp_path / "job.sh"
+    script.write_text(slurm.render_job_script(kwargs, scheduler="tcp://127.0.0.1:1"))
+    subprocess.run(["bash", str(script)], cwd=tmp_path, timeout=60, capture_output=True,
+                   env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    return script.read_text()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("field", SCRIPT_FIELDS)
+def test_hostile_values_in_every_job_script_field_are_refused_or_inert(tmp_path, field):
+    """Each hostile value is either refused with a SpecError naming the field, the value and what
+    is allowed, or, where the field may hold it, rendered into a job script that really runs under
+    bash without running anything else: the marker file never appears."""
+    from askap_flows import values
+    from askap_flows.spec import AllocationSpec, SpecError
+
+    bindir, marker, reached = _sandbox(tmp_path)
+    base = {"partition": "debug", "interface": "lo", "python": str(bindir / "python")}
+    refused = []
+    for form in HOSTILE_FORMS:
+        value = form.format(p=bindir / "payload", m=marker)
+        given = [value] if field in ("extra_directives", "prologue") else value
+        if field == "prologue" and "\n" not in value and "\r" not in value:
+            continue  # prologue lines are the author's shell code by design (the next test)
+        try:
+            alloc = AllocationSpec(**{**base, field: given})
+        except SpecError as exc:
+            text = str(exc)
+            assert field in text and repr(value) in text, text
+            allowed = ("Use one of MM, MM:SS" if field == "walltime" else values.RULES[field][1])
+            assert allowed in text, text
+            refused.append(value)
+            continue
+        reached.unlink(missing_ok=True)
+        script = _execute_job_script(alloc, tmp_path, bindir)
+        assert not marker.exists(), f"{field}={value!r} ran a command:\n{script}"
+        if field != "python":
+            assert reached.exists(), f"the job script did not reach the worker line:\n{script}"
+    if field in NAME_FIELDS:
+        assert len(refused) == len(HOSTILE_FORMS), "a hostile value was accepted"
+    breaks = [f.format(p=bindir / "payload", m=marker) for f in HOSTILE_FORMS if "\n" in f]
+    assert set(breaks) <= set(refused), "a line break was accepted"  # in every field
+
+
+@pytest.mark.unit
+def test_prologue_lines_are_trusted_shell_code_and_run_as_written(tmp_path):
+    """The documented exception: a prologue line is the profile author's shell code. It runs (the
+    sandbox really executes what it renders); only a line break inside an entry is refused."""
+    from askap_flows.spec import AllocationSpec
+
+    bindir, marker, reached = _sandbox(tmp_path)
+    alloc = AllocationSpec(partition="debug", interface="lo", python=str(bindir / "python"),
+                           prologue=[f"{bindir / 'payload'}"])
+    _execute_job_script(alloc, tmp_path, bindir)
+    assert marker.exists() and reached.exists()
+
+
+@pytest.mark.unit
+def test_hostile_environment_variable_names_are_refused():
+    from askap_flows.spec import MPISpec, SpecError
+
+    for name in ("A;touch x", "A B", "$(x)", "1A", "A\nB", ""):
+        with pytest.raises(SpecError, match="env: env_name .* must be an environment variable"):
+            MPISpec(env={name: "1"})
+
+
+@pytest.mark.unit
+def test_hostile_home_directory_is_refused_or_inert(tmp_path):
+    """The log directory (under ASKAP_FLOWS_HOME) is written in double quotes in '#SBATCH' lines:
+    a double quote or a control character is refused, anything else stays inert."""
+    from askap_flows import slurm
+    from askap_flows.spec import AllocationSpec
+
+    bindir, marker, reached = _sandbox(tmp_path)
+    alloc = AllocationSpec(partition="debug", interface="lo", python=str(bindir / "python"))
+    for bad in (f'/x";{bindir}/payload;"', f"/x\n{bindir}/payload", f"/x\r{bindir}/payload"):
+        with pytest.raises(slurm.SlurmError, match="set ASKAP_FLOWS_HOME elsewhere"):
+            slurm.cluster_kwargs(alloc, job_name="a-b", log_directory=bad, env={},
+                                 dashboard_address="127.0.0.1:0")
+    for odd in (f"/x$({bindir}/payload)", f"/x`{bindir}/payload`", f"/x;{bindir}/payload"):
+        kwargs = slurm.cluster_kwargs(alloc, job_name="a-b", log_directory=odd,
+                                      env={"ASKAP_FLOWS_HOME": odd},
+                                      dashboard_address="127.0.0.1:0")
+        script = tmp_path / "job.sh"
+        script.write_text(slurm.render_job_script(kwargs, scheduler="tcp://127.0.0.1:1"))
+        import subprocess
+
+        subprocess.run(["bash", str(script)], cwd=tmp_path, timeout=60, capture_output=True,
+                       env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert reached.exists() and not marker.exists(), script.read_text()
+        reached.unlink()

@@ -263,7 +263,7 @@ def test_check_reachable_works_inside_an_event_loop():
 @pytest.mark.unit
 def test_interface_address_reads_the_interface():
     assert database.interface_address("lo") == "127.0.0.1"
-    with pytest.raises(DatabaseError, match="interface 'nosuchif0' has no IPv4 address.*lo"):
+    with pytest.raises(DatabaseError, match="interface 'nosuchif0' does not exist on this host.*lo"):
         database.interface_address("nosuchif0")
 
 

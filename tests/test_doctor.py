@@ -114,6 +114,23 @@ def statuses(out: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.unit
+def test_a_run_and_doctor_look_interfaces_up_with_the_same_function(monkeypatch):
+    """The scheduler's address of a run, `askap-flows server --interface` and doctor's rows all
+    come from askap_flows.host: what doctor reports for an interface is what a run will do."""
+    from askap_flows import host, slurm
+    from askap_flows.spec import AllocationSpec
+
+    monkeypatch.setattr(host, "interfaces", lambda: {"hsn0": "10.1.2.3", "eth7": None})
+    assert doctor.local_interfaces() == {"hsn0": "10.1.2.3", "eth7": None}
+    assert slurm.scheduler_host(AllocationSpec(scheduler_interface="hsn0")) == "10.1.2.3"
+    assert database.interface_address("hsn0") == "10.1.2.3"
+    row = doctor.interface_check("scheduler", "eth7", doctor.local_interfaces(), must_be_here=True)
+    assert row.status == FAIL and "'eth7' has no IPv4 address" in row.detail
+    with pytest.raises(host.InterfaceError, match="'eth7' has no IPv4 address on this host"):
+        slurm.scheduler_host(AllocationSpec(scheduler_interface="eth7"))
+
+
 @pytest.mark.slurm
 @pytest.mark.mpi
 def test_doctor_testbed_profile_is_all_ok(hello_program):

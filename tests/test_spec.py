@@ -48,7 +48,7 @@ def test_unknown_plugin_names_the_choices():
 
 
 def test_memory_must_have_a_unit_form():
-    with pytest.raises(SpecError, match="memory 'lots' is not a size"):
+    with pytest.raises(SpecError, match="memory 'lots' cannot go into a job script: memory must be a number with a unit"):
         AllocationSpec(memory="lots")
 
 
@@ -114,3 +114,40 @@ def test_slurm_backend_without_profile_says_what_to_pass(monkeypatch):
 def test_local_backend_uses_mpiexec():
     _, spec = resolve_specs({"launcher": "srun"}, None, None, "local")
     assert spec.launcher == "mpiexec"
+
+
+# --------------------------------------------------------------------------- one error family
+def test_every_library_error_derives_from_askap_flows_error_and_keeps_its_old_base():
+    import askap_flows
+    from askap_flows import database, host, mpi, ports, server, shell, slurm
+
+    expected = {SpecError: ValueError, slurm.SlurmError: RuntimeError, mpi.MPIError: RuntimeError,
+                database.DatabaseError: RuntimeError, ports.PortError: RuntimeError,
+                shell.CommandError: RuntimeError, server.ServerError: RuntimeError,
+                host.InterfaceError: ValueError}
+    for cls, old in expected.items():
+        assert issubclass(cls, askap_flows.AskapFlowsError) and issubclass(cls, old), cls
+    assert issubclass(slurm.JobLost, askap_flows.AskapFlowsError)
+    assert "AskapFlowsError" in askap_flows.__all__
+
+
+def test_a_count_below_its_minimum_is_one_kind_of_error_everywhere(monkeypatch):
+    """nodes, retries, n_arrays, size, max_concurrent, the sqlite limit: one SpecError, one text."""
+    from askap_flows import database, flows
+
+    cases = [
+        (lambda: AllocationSpec(nodes=0), "nodes must be a whole number >= 1, got 0"),
+        (lambda: MPISpec(ntasks=True), "ntasks must be a whole number >= 1, got True"),
+        (lambda: flows.mpi_subflow(retries=-1), "retries must be a whole number >= 0, got -1"),
+        (lambda: flows.array_subflow(n_arrays=0), "n_arrays must be a whole number >= 1, got 0"),
+        (lambda: flows.array_subflow(size=2.5), "size must be a whole number >= 1, got 2.5"),
+        (lambda: flows.run_subflows([], max_concurrent=0),
+         "max_concurrent must be a whole number >= 1, got 0"),
+        (lambda: database.size_pool(0), "max_concurrent must be a whole number >= 1, got 0"),
+        (lambda: database.sqlite_limit({database.SQLITE_LIMIT_ENV: "0"}),
+         f"{database.SQLITE_LIMIT_ENV} must be a whole number >= 1, got 0"),
+    ]
+    for call, text in cases:
+        with pytest.raises(SpecError) as err:
+            call()
+        assert str(err.value) == text + "."

@@ -3,10 +3,11 @@
 Importing this package does not import Prefect; ``askap_flows.flows`` does.
 """
 
+from .errors import AskapFlowsError
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
-__all__ = ["AllocationSpec", "MPISpec", "SpecError", "build_specs", "mpi_subflow", "array_subflow",
-           "run_subflows"]
+__all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
+           "mpi_subflow", "array_subflow", "run_subflows"]
 __version__ = "0.1.0"
 
 

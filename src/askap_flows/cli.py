@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import mpi, slurm
+from . import host, mpi, slurm
 from .spec import BACKENDS, SpecError, packaged_profiles, read_profile
 
 
@@ -27,17 +27,38 @@ def cmd_profiles(args) -> int:
     return 0
 
 
+SCHEDULER_PLACEHOLDER = "SCHEDULER_ADDRESS"
+
+
 def cmd_render(args) -> int:
+    """Print the job script and MPI command line; works off-cluster: where the profile's scheduler
+    interface is not on this host, the scheduler address is a marked placeholder (stderr says so).
+    `doctor` is the command that fails for a missing interface."""
     from .run import cli_specs
 
     read_profile(args.profile)  # a clear error for a bad profile before anything else
     alloc, spec = cli_specs(args)
     program = args.program or spec.program or str(mpi.default_program())
     if args.backend == "slurm":
-        kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-RUNID",
-                                          mpi.askap_home() / "logs")
-        print("# job script (submit by hand with: sbatch THIS_FILE)")
-        print(slurm.render_job_script(kwargs))
+        address = "127.0.0.1"  # what slurm.scheduler_host gives without a scheduler_interface
+        try:
+            if alloc.scheduler_interface:
+                address = host.interface_address(alloc.scheduler_interface)
+        except host.InterfaceError as exc:  # e.g. a laptop: the profile's interface is elsewhere
+            address = SCHEDULER_PLACEHOLDER
+            print(f"note: {str(exc).rstrip('.')}: the job script shows {SCHEDULER_PLACEHOLDER} in "
+                  "place of the scheduler's address. That is fine for checking a profile here; a "
+                  "run must start on a host with that interface (`askap-flows doctor --profile "
+                  f"{args.profile}` checks it there).", file=sys.stderr)
+        kwargs = slurm.cluster_kwargs(alloc, job_name=f"{alloc.job_name_prefix}-RUNID",
+                                      log_directory=str(host.log_dir()), env=slurm.job_env(),
+                                      dashboard_address=f"{address}:0")
+        print("# job script: what each sub-flow submits (RUNID and the scheduler's port are "
+              "chosen by the run)")
+        if address == SCHEDULER_PLACEHOLDER:
+            print(f"# {SCHEDULER_PLACEHOLDER}: placeholder, the scheduler interface "
+                  f"{alloc.scheduler_interface!r} is not on this host")
+        print(slurm.render_job_script(kwargs, scheduler=f"tcp://{address}:SCHEDULER_PORT"))
     print("# MPI command line, run by the Dask worker inside the job")
     print(shlex.join(mpi.launch_command(spec, program)))
     return 0

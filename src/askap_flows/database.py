@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import json
 import os
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -30,6 +28,8 @@ from typing import Callable, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
 from . import compat
+from .errors import AskapFlowsError
+from .spec import whole_number  # the one "a count must be >= 1" check (a SpecError)
 
 PG_SCRIPT = "scripts/postgres_database.sh"
 #: more concurrent sub-flows than this on sqlite are refused (Prefect 3.9.1's server on sqlite
@@ -42,7 +42,7 @@ SQLITE_SCHEME = "sqlite+aiosqlite"
 POOL_SIZE_CAP = 40
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(AskapFlowsError, RuntimeError):
     """Prefect's database (or the server in front of it) cannot be used; the text says why and
     what to do."""
 
@@ -329,8 +329,7 @@ def size_pool(max_concurrent: int, max_connections: int = 100) -> PoolSettings:
     server waits up to 60 s for a free connection (Prefect's default: 30 s, after which the request
     fails with "QueuePool limit ... reached") and 10 s to open one (default 5 s).
     """
-    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be a whole number >= 1, got {max_concurrent!r}.")
+    whole_number("max_concurrent", max_concurrent)
     budget = max(15, int(max_connections * 0.6))  # leave room for other clients
     pool_size = min(5 + max_concurrent, POOL_SIZE_CAP, budget // 2)
     max_overflow = max(10, min(pool_size, budget - pool_size))
@@ -373,9 +372,7 @@ def sqlite_limit(env: Mapping[str, str] | None = None) -> int:
         value = int(raw)
     except ValueError:
         raise DatabaseError(f"{SQLITE_LIMIT_ENV}={raw!r} is not a whole number.") from None
-    if value < 1:
-        raise DatabaseError(f"{SQLITE_LIMIT_ENV} must be >= 1, got {value}.")
-    return value
+    return whole_number(SQLITE_LIMIT_ENV, value)
 
 
 def check_sqlite_concurrency(db: DatabaseURL, max_concurrent: int, limit: int) -> None:
@@ -483,13 +480,11 @@ def preflight(max_concurrent: int, *, database_url: str | None = None,
 
 # --------------------------------------------------------------------------- addresses
 def interface_address(interface: str) -> str:
-    """The first IPv4 address of a network interface (e.g. ``ib0``), read locally."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(s.fileno(), 0x8915,  # SIOCGIFADDR
-                                 struct.pack("256s", interface.encode()[:15]))
-        except OSError as exc:
-            names = ", ".join(name for _, name in socket.if_nameindex())
-            raise DatabaseError(f"interface '{interface}' has no IPv4 address ({exc.strerror}). "
-                                f"Interfaces here: {names}.") from None
-    return socket.inet_ntoa(packed[20:24])
+    """The first IPv4 address of a network interface (e.g. ``ib0``): host.interface_address,
+    the one lookup of the library, as a DatabaseError when the interface is not here."""
+    from . import host
+
+    try:
+        return host.interface_address(interface)
+    except host.InterfaceError as exc:
+        raise DatabaseError(str(exc)) from None

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from . import database, mpi, ports, shell
+from . import database, host, mpi, ports, shell
 from .spec import AllocationSpec, MPISpec, SpecError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -320,14 +319,9 @@ def interface_check(role: str, name: str | None, here: Mapping[str, str | None],
 
 # --------------------------------------------------------------------------- observations
 def local_interfaces() -> dict[str, str | None]:
-    """{name: IPv4 address or None} of this host's network interfaces."""
-    out: dict[str, str | None] = {}
-    for _, name in socket.if_nameindex():
-        try:
-            out[name] = database.interface_address(name)
-        except database.DatabaseError:
-            out[name] = None
-    return out
+    """{name: IPv4 address or None} of this host's network interfaces: the lookup behind
+    host.interface_address, which a run uses for the scheduler's address."""
+    return host.interfaces()
 
 
 def _run(argv: list[str], timeout: float = 15) -> shell.Completed | None:
@@ -377,7 +371,7 @@ def prefect_checks(max_concurrent: int, api_url: str | None) -> list[Check]:
     warnings: list[str] = []
     try:
         plan = database.preflight(max_concurrent, api_url=api_url, say=warnings.append)
-    except database.DatabaseError as exc:
+    except (database.DatabaseError, SpecError) as exc:
         text = str(exc)
         fix = text.split("Fix:", 1)[1].strip() if "Fix:" in text else "see the detail"
         return [Check("Prefect API/database", FAIL, text.split(" Fix:")[0], fix),

@@ -23,7 +23,8 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, launch, mpi, runners, slurm, watch
 from .jobs import RunHandle
-from .spec import AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs
+from .spec import (AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs,
+                   whole_number)
 
 @dataclass
 class MPIRunResult:
@@ -220,8 +221,7 @@ def mpi_subflow(
         MPIError, SlurmError when the run itself fails. No SLURM job outlives the call.
     """
     called = time.time()
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise TypeError(f"retries must be a whole number >= 0, got {retries!r}.")
+    whole_number("retries", retries, minimum=0)
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
@@ -314,8 +314,7 @@ def array_subflow(
     ``allocation`` says otherwise), closed when it ends.
     """
     for field_name, value in (("n_arrays", n_arrays), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TypeError(f"{field_name} must be a whole number >= 1, got {value!r}.")
+        whole_number(field_name, value)
     over = {"nodes": 1, "ntasks_per_node": 1}
     if isinstance(allocation, Mapping):
         over.update(allocation)
@@ -354,8 +353,7 @@ def run_subflows(
     flow, each call becomes a sub-flow run of it (the flow context is copied into each thread).
     ``on_done(outcome)`` is called as each one finishes (for progress output).
     """
-    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be a whole number >= 1, got {max_concurrent!r}.")
+    whole_number("max_concurrent", max_concurrent)
     calls = list(calls)
     for i, c in enumerate(calls):
         if not callable(c):

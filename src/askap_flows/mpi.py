@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import shell
+from . import host, shell
+from .errors import AskapFlowsError
 from .spec import MPISpec
 
 HELLO_NAME = "mpi_hello_world"
-HOME_ENV = "ASKAP_FLOWS_HOME"
+HOME_ENV = host.HOME_ENV
 _RANK_MARK = "ASKAP_MPI_HELLO "
 
 MPI_INSTALL_HINT = (
@@ -26,7 +27,7 @@ MPI_INSTALL_HINT = (
 )
 
 
-class MPIError(RuntimeError):
+class MPIError(AskapFlowsError, RuntimeError):
     """The MPI step ran but its ranks do not form the world that was asked for."""
 
 
@@ -45,9 +46,7 @@ class RankRecord:
         return self.allreduce == self.expected
 
 
-def askap_home() -> Path:
-    """Where askap_flows keeps its working files: $ASKAP_FLOWS_HOME or ./.askap_flows."""
-    return Path(os.environ.get(HOME_ENV) or Path.cwd() / ".askap_flows").absolute()
+askap_home = host.askap_home  # $ASKAP_FLOWS_HOME or ./.askap_flows (kept here for callers)
 
 
 def default_program() -> Path:

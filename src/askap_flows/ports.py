@@ -10,6 +10,10 @@ handed out twice until the range has been used up, so every sub-flow of a run ha
 The range comes from ``ASKAP_FLOWS_PORTS`` ("20000-31999" by default: below Linux's ephemeral range
 and clear of the ports the hand-written pipelines used, 8787 and 32120+). ``ASKAP_FLOWS_PORTS=0``
 lets the OS choose every port instead (unique while bound, but not recorded in advance).
+
+The lock directory (``$TMPDIR/askap_flows-ports-<uid>``) must be this user's own with mode 0700:
+one that another user created or can write to is refused, and so is a filesystem without
+``flock``; each error says to set TMPDIR elsewhere or ``ASKAP_FLOWS_PORTS=0``.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import fcntl
 import os
 import random
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
+
+from .errors import AskapFlowsError
 
 PORTS_ENV = "ASKAP_FLOWS_PORTS"
 DEFAULT_RANGE = (20000, 31999)
 
 
-class PortError(RuntimeError):
+class PortError(AskapFlowsError, RuntimeError):
     """No free port is left in the configured range, or the range is malformed."""
 
 
@@ -69,11 +76,39 @@ class Reservation:
         self.release()
 
 
+FIX = (f"set TMPDIR to a private directory on a local filesystem, or {PORTS_ENV}=0 to let the OS "
+       "choose every port")
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory owned by this user with mode 0700 (created so if missing).
+
+    An existing one owned by another user, or open to others, is refused: whoever can write
+    there could hold (or remove) the lock files and hand this user's ports to someone else.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise PortError(f"cannot create the port lock directory {path} ({exc.strerror}): "
+                        f"{FIX}.") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise PortError(f"the port lock directory {path} is not a directory (a symbolic link or a "
+                        f"file is there): remove it, or {FIX}.")
+    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise PortError(
+            f"the port lock directory {path} is owned by uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o}; it must be yours (uid {os.getuid()}) with mode 0700, "
+            "or another user could hold or remove its locks. If it is yours: chmod 700 "
+            f"{path}; otherwise {FIX}.")
+    return path
+
+
 class PortAllocator:
     def __init__(self, low: int, high: int, lock_dir: Path | None = None) -> None:
         self.low, self.high = low, high
-        self.lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / f"askap_flows-ports-{os.getuid()}")
-        self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.lock_dir = private_dir(
+            Path(lock_dir or Path(tempfile.gettempdir()) / f"askap_flows-ports-{os.getuid()}"))
         self._mutex = threading.Lock()
         self._given: set[int] = set()
         self._cursor = random.randint(low, high)  # processes start at different places
@@ -81,27 +116,12 @@ class PortAllocator:
     def reserve(self, count: int, host: str) -> Reservation:
         ports: list[int] = []
         handles: list[int] = []
-        size = self.high - self.low + 1
         with self._mutex:
-            for _round in range(2):  # second round: reuse ports this process gave out earlier
-                for _ in range(size):
-                    if len(ports) == count:
-                        break
-                    port = self._cursor
-                    self._cursor = self.low if port >= self.high else port + 1
-                    if _round == 0 and port in self._given or port in ports:
-                        continue
-                    fd = self._lock(port)
-                    if fd is None:
-                        continue
-                    if not _bindable(host, port):
-                        fcntl.flock(fd, fcntl.LOCK_UN)
-                        os.close(fd)
-                        continue
-                    ports.append(port)
-                    handles.append(fd)
-                if len(ports) == count:
-                    break
+            try:
+                self._take(count, host, ports, handles)
+            except PortError:  # lock files unusable: give back what was taken
+                Reservation(ports, handles).release()
+                raise
             if len(ports) < count:
                 Reservation(ports, handles).release()
                 raise PortError(
@@ -112,13 +132,43 @@ class PortAllocator:
             self._given.update(ports)
         return Reservation(ports, handles)
 
+    def _take(self, count: int, host: str, ports: list[int], handles: list[int]) -> None:
+        """Lock up to ``count`` bindable ports into ``ports``/``handles`` (caller holds the mutex)."""
+        for _round in range(2):  # second round: reuse ports this process gave out earlier
+            for _ in range(self.high - self.low + 1):
+                if len(ports) == count:
+                    return
+                port = self._cursor
+                self._cursor = self.low if port >= self.high else port + 1
+                if _round == 0 and port in self._given or port in ports:
+                    continue
+                fd = self._lock(port)
+                if fd is None:
+                    continue
+                if not _bindable(host, port):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                    continue
+                ports.append(port)
+                handles.append(fd)
+
     def _lock(self, port: int) -> int | None:
-        fd = os.open(self.lock_dir / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        """The descriptor holding ``port``'s lock, or None when another holder has it."""
+        path = self.lock_dir / f"{port}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise PortError(f"cannot open the port lock file {path} ({exc.strerror}): "
+                            f"{FIX}.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as exc:  # e.g. ENOLCK: a filesystem without flock (some NFS mounts)
+            os.close(fd)
+            raise PortError(f"cannot lock {path}: the filesystem of {self.lock_dir} does not "
+                            f"support flock ({exc.strerror}): {FIX}.") from None
         return fd
 
 

@@ -19,7 +19,8 @@ import dask
 import dask_jobqueue
 from prefect_dask import DaskTaskRunner
 
-from . import board, jobs, mpi, ports, shell, slurm
+from . import board, jobs, ports, shell, slurm
+from .host import log_dir as job_log_dir
 from .spec import AllocationSpec
 
 LOCAL_HOST = "127.0.0.1"
@@ -95,7 +96,7 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     """
     token = uuid.uuid4().hex[:10]
     import_dashboard()
-    log_dir = mpi.askap_home() / "logs"
+    log_dir = job_log_dir()
     if backend == "local":
         with ports.reserve(1, LOCAL_HOST) as held:
             yield RunCluster(local_runner(alloc, held.ports[0]),

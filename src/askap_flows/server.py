@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Mapping
 
 from . import compat, shell
+from .errors import AskapFlowsError
 from .database import sqlite_url  # noqa: F401 - also re-exported here
 
 
-class ServerError(RuntimeError):
+class ServerError(AskapFlowsError, RuntimeError):
     """The Prefect server did not start or does not answer."""
 
 

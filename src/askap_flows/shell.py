@@ -17,13 +17,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from .errors import AskapFlowsError
+
 TAIL_LINES = 20
 DRAIN_SECONDS = 60.0  # after the process ended, how long its output may still arrive
 _running: set[subprocess.Popen] = set()
 _running_lock = threading.Lock()
 
 
-class CommandError(RuntimeError):
+class CommandError(AskapFlowsError, RuntimeError):
     """A command failed, timed out or could not start."""
 
     def __init__(

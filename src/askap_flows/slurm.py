@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import shell
+from . import host, shell
+from .errors import AskapFlowsError
 from .spec import AllocationSpec
 
 #: environment variables a job must carry so that its Dask worker finds the Prefect API and SLURM
@@ -32,7 +33,7 @@ SLURM_INSTALL_HINT = (
 )
 
 
-class SlurmError(RuntimeError):
+class SlurmError(AskapFlowsError, RuntimeError):
     """SLURM refused or lost a job; the message says what SLURM said and what to do."""
 
 
@@ -95,9 +96,10 @@ def cluster_kwargs(
     One job of ``alloc.nodes`` nodes, one single-process Dask worker in it, and ``n_workers=1`` so
     the cluster submits that job as soon as it exists (no call to ``scale`` needed).
     """
-    if '"' in log_directory or "\n" in log_directory:
-        raise SlurmError(f"the log directory {log_directory!r} contains a double quote or a line "
-                         "break, which a job script cannot hold: set ASKAP_FLOWS_HOME elsewhere.")
+    if '"' in log_directory or any(ord(c) < 32 or ord(c) == 127 for c in log_directory):
+        raise SlurmError(f"the log directory {log_directory!r} contains a double quote, a line "
+                         "break or another control character, which a job script cannot hold: "
+                         "set ASKAP_FLOWS_HOME elsewhere.")
     scheduler_options: dict[str, Any] = {"dashboard_address": dashboard_address}
     if alloc.scheduler_interface:
         scheduler_options["interface"] = alloc.scheduler_interface
@@ -295,16 +297,11 @@ def job_env() -> dict[str, str]:
 
 
 def interface_address(interface: str) -> str:
-    """The IPv4 address of a network interface on this host (for the scheduler's dashboard)."""
-    from distributed.utils import get_ip_interface
-
-    try:
-        return get_ip_interface(interface)
-    except ValueError as exc:
-        raise ValueError(
-            f"network interface {interface!r} has no IPv4 address on this host ({exc}). Set the "
-            "profile's scheduler_interface to one that exists here (`ip -br addr` lists them)."
-        ) from None
+    """The IPv4 address of the scheduler's network interface on this host (host.InterfaceError,
+    a ValueError, when it is not here): the same lookup `askap-flows doctor` reports."""
+    return host.interface_address(
+        interface, fix="Set the profile's scheduler_interface to one that exists here (`askap-flows "
+        "doctor --profile PROFILE` checks it).")
 
 
 def scheduler_host(alloc: AllocationSpec) -> str:

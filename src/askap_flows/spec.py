@@ -18,6 +18,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from . import values
+from .errors import AskapFlowsError
+
 PROFILE_DIR = Path(__file__).with_name("profiles")
 PROFILE_ENV = "ASKAP_FLOWS_PROFILE"
 # srun --mpi= plugins: MPICH pmi2; Open MPI pmix (or a versioned pmix_vN); HPE Cray MPICH cray_shasta
@@ -26,21 +29,29 @@ LAUNCHERS = ("srun", "mpiexec")
 BACKENDS = ("local", "slurm")
 
 
-class SpecError(ValueError):
+class SpecError(AskapFlowsError, ValueError):
     """A spec or profile that cannot work; the message says which field and how to fix it."""
+
+
+def whole_number(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is a whole number >= ``minimum`` (not a bool), else SpecError naming it.
+
+    The one check for every count askap_flows takes (nodes, ranks, retries, sub-flows, ...).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+    return value
 
 
 _WALLTIME = re.compile(
     r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"  # D-HH[:MM[:SS]]
     r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"  # MM | MM:SS | HH:MM:SS
 )
-_DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]+=@%/-]+$")
-_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 
 
 def walltime_seconds(text: str) -> int:
     """Seconds in a SLURM time string: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
-    m = _WALLTIME.match(str(text).strip())
+    m = _WALLTIME.fullmatch(text) if isinstance(text, str) else None
     if not m:
         raise SpecError(
             f"walltime {text!r} is not a SLURM time. Use one of MM, MM:SS, HH:MM:SS, D-HH, "
@@ -57,8 +68,7 @@ def walltime_seconds(text: str) -> int:
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"{name} must be a whole number >= 1, got {value!r}.")
+    whole_number(name, value)
 
 
 def _str_tuple(name: str, value: Any) -> tuple[str, ...]:
@@ -71,6 +81,13 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise SpecError(f"{name} must be a list of strings; {item!r} is not a string.")
     return out
+
+
+#: AllocationSpec fields written into the job script, checked by values.RULES (with the lists
+#: prologue and extra_directives, and the walltime, checked on their own)
+SCRIPT_FIELDS = ("partition", "account", "qos", "reservation", "clusters", "constraint",
+                 "interface", "scheduler_interface", "job_name_prefix", "memory", "python",
+                 "local_directory")
 
 
 @dataclass(frozen=True)
@@ -102,40 +119,24 @@ class AllocationSpec:
     def __post_init__(self) -> None:
         for name in ("nodes", "ntasks_per_node", "cpus_per_task", "cores"):
             _positive(name, getattr(self, name))
+        if isinstance(self.walltime, int) and not isinstance(self.walltime, bool):
+            object.__setattr__(self, "walltime", str(self.walltime))  # YAML `walltime: 30`
         walltime_seconds(self.walltime)
-        if not _MEMORY.match(str(self.memory)):
-            raise SpecError(
-                f"memory {self.memory!r} is not a size. Use a number with a unit, e.g. '4GB' or "
-                "'500MB'."
-            )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", self.job_name_prefix):
-            raise SpecError(
-                f"job_name_prefix {self.job_name_prefix!r} must be 1-40 letters, digits, '_', '.' "
-                "or '-' (it becomes part of the SLURM job name)."
-            )
         if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
             raise SpecError(f"start_timeout must be a number of seconds > 0, got {self.start_timeout!r}.")
-        object.__setattr__(self, "prologue", _str_tuple("prologue", self.prologue))
-        object.__setattr__(
-            self, "extra_directives", _str_tuple("extra_directives", self.extra_directives)
-        )
-        for name in ("partition", "account", "qos", "reservation", "clusters", "constraint",
-                     "interface", "scheduler_interface"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not _DIRECTIVE_VALUE.match(value)):
-                raise SpecError(
-                    f"{name} {value!r} cannot go into a job script: use letters, digits and "
-                    "SLURM's own punctuation (,:._-&|*![]), no spaces, quotes or ;."
-                )
+        for name in ("python", "local_directory"):  # paths: given as str or os.PathLike
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         for name in ("prologue", "extra_directives"):
-            for line in getattr(self, name):
-                if "\n" in line or "\r" in line:
-                    raise SpecError(f"{name} entry {line!r} contains a line break: give one line "
-                                    "per list entry.")
-        for name in ("python", "local_directory"):
+            object.__setattr__(self, name, _str_tuple(name, getattr(self, name)))
+            said = values.problems(name, getattr(self, name))
+            if said:
+                raise SpecError(said)
+        for name in SCRIPT_FIELDS:  # every other value that reaches the job script
             value = getattr(self, name)
-            if value is not None and ("\n" in str(value) or "\"" in str(value)):
-                raise SpecError(f"{name} {value!r} contains a line break or a double quote.")
+            said = None if value is None else values.problem(name, value)
+            if said:
+                raise SpecError(said)
 
     @property
     def total_tasks(self) -> int:
@@ -193,6 +194,9 @@ class MPISpec:
         for k, v in env.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise SpecError(f"env must map strings to strings; {k!r}: {v!r} does not.")
+            said = values.problem("env_name", k)
+            if said:
+                raise SpecError(f"env: {said}")
         object.__setattr__(self, "env", env)
 
 
