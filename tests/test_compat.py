@@ -1,0 +1,57 @@
+"""Pins every private Prefect / prefect-dask / Dask attribute askap_flows relies on, on the
+installed major: if an upgrade moves one, this fails here with its name, not in a user's run."""
+
+import pytest
+
+from askap_flows import compat, runners
+from askap_flows.spec import AllocationSpec
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_prefects_migrations_are_where_the_version_check_reads_them(dialect):
+    found = compat.known_migrations(dialect)
+    assert len(found) > 10 and all(len(r) >= 8 for r in found), found
+
+
+def test_an_empty_migrations_folder_fails_loudly(monkeypatch, tmp_path):
+    import prefect
+
+    monkeypatch.setattr(prefect, "__file__", str(tmp_path / "prefect" / "__init__.py"))
+    with pytest.raises(RuntimeError, match="found no sqlite migrations"):
+        compat.known_migrations("sqlite")
+
+
+def test_the_flow_runs_dask_client_its_dashboard_and_cancelling_a_pending_future():
+    """current_dask_client (prefect-dask 0.2: the runner's ``_client``), dashboard_url (the
+    scheduler's ``http_server``), cancel_future (0.2: ``_get_dask_future``) on a real run."""
+    import time
+
+    import distributed
+    from prefect import flow, task
+
+    @task
+    def blocked():
+        time.sleep(1.5)
+        return 1
+
+    @task
+    def waiting(x):
+        return x
+
+    seen = {}
+
+    @flow(task_runner=runners.local_runner(AllocationSpec(cores=1)))
+    def probe():
+        client = compat.current_dask_client()
+        seen["client"] = isinstance(client, distributed.Client)
+        seen["dashboard"] = runners.dashboard_url(client)
+        first = blocked.submit()
+        second = waiting.submit(first)  # cannot run before `first`: still pending
+        compat.cancel_future(second)
+        return first.result()
+
+    assert probe() == 1
+    assert seen["client"] is True
+    assert seen["dashboard"] and seen["dashboard"].startswith("http://127.0.0.1:")
