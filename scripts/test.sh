@@ -8,7 +8,8 @@
 # It installs what the tests need (Debian: slurm-wlm, munge, mpich, Open MPI with PMIx,
 # postgresql, the shellcheck linter, ...; a venv per Prefect major under .venvs/ with the pinned
 # package sets), starts the 3-node SLURM test bed (scripts/slurm_testbed.sh), runs pytest in each
-# venv and stops the test bed again (set ASKAP_TEST_KEEP_TESTBED=1 to leave it up). With CI=true a missing service fails its tests.
+# venv and stops the test bed again (set ASKAP_TEST_KEEP_TESTBED=1 to leave it up).
+# With CI=true a missing service fails its tests.
 # Exit status: 0 only when every major passed.
 set -euo pipefail
 
