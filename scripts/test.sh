@@ -84,6 +84,15 @@ setup_venv() {  # setup_venv MAJOR -> venv with the pinned set and the project (
   fi
 }
 
+# the build backend's wheels, so that tests/test_wheel.py builds the package offline and fast
+WHEELHOUSE=$VENVS/wheelhouse
+if ! compgen -G "$WHEELHOUSE/hatchling-*.whl" >/dev/null; then
+  log "downloading the build backend (hatchling) into $WHEELHOUSE"
+  "$PYTHON" -m pip download -q --disable-pip-version-check --only-binary :all: -d "$WHEELHOUSE" \
+    hatchling > "$OUT/pip-wheelhouse.log" 2>&1 || die "pip download hatchling failed (log: $OUT/pip-wheelhouse.log)"
+fi
+export ASKAP_TEST_WHEELHOUSE=$WHEELHOUSE
+
 rc=0
 summary=()
 for major in $MAJORS; do
