@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_main
+from conftest import ROOT, run_main
 from test_doctor import doctor_cli, statuses
 
 from askap_flows import doctor, mpi
@@ -65,6 +65,17 @@ def test_library_from_ldd_and_wrapper_and_the_fixes():
 
 
 # --------------------------------------------------------------------------- test bed
+@pytest.mark.slurm
+def test_testbed_status_reports_both_mpi_families():
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_testbed.sh"), "status"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "status: OK" in r.stdout, r.stdout + r.stderr
+    family = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("  M")}
+    assert "(mpicc -> /usr/bin/mpicc.mpich), srun --mpi=pmi2" in family["MPICH"], r.stdout
+    (ompi,) = [line for line in r.stdout.splitlines() if line.startswith("  Open MPI")]
+    assert "(/usr/bin/mpicc.openmpi, PMIx " in ompi and ompi.endswith("srun --mpi=pmix"), ompi
+
+
 @pytest.mark.slurm
 def test_openmpi_subflow_across_three_nodes_apart_from_mpich(ompi_program, hello_program,
                                                             no_jobs_left):
