@@ -38,6 +38,10 @@ def test_program_paths_per_mpi_family_and_the_profile(tmp_path, monkeypatch):
     assert mpich == tmp_path / "bin" / "mpi_hello_world"
     assert ompi.parent.parent == tmp_path / "bin" and ompi.parent.name.startswith("mpicc.openmpi-")
     assert mpi.default_program("/opt/other/mpicc.openmpi") != ompi  # same name, other MPI
+    with pytest.raises(mpi.MPIError, match="mpi: mpicc: /nonexistent/mpicc.openmpi"):
+        mpi.build_hello(mpicc="/nonexistent/mpicc.openmpi")
+    row = doctor.mpicc_check(None, None, ompi, None, False, wanted="/nonexistent/mpicc.openmpi")
+    assert row.status == doctor.FAIL and "apt-get install openmpi-bin" in row.fix
     _, spec = build_specs("testbed_openmpi")
     assert spec.mpi_plugin == "pmix" and spec.mpicc == OMPI_CC
     assert mpi.launch_command(spec)[-1] == str(ompi)
