@@ -37,7 +37,12 @@ PAUSE=$RUN/watchdog.pause       # exists -> the watchdog restarts nothing
 MUNGE_SOCK=$DIR/munge/run/munge.socket
 ETC_LINK=/etc/slurm/slurm.conf
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-PKGS=(slurm-wlm munge mpich libmpich-dev iproute2 util-linux hostname)
+# MPICH (srun --mpi=pmi2) and Open MPI with PMIx (srun --mpi=pmix) side by side; mpicc on PATH
+# stays MPICH's (see pin_mpich), Open MPI is reached as mpicc.openmpi.  SLURM's mpi/pmix_v4
+# plugin dlopens .../pmix2/lib/libpmix.so, which only libpmix-dev ships.
+PKGS=(slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev libpmix-dev iproute2
+      util-linux hostname)
+PMIX_LIB=/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so
 
 # Never let a slurm command fall back to configless mode (a DNS SRV lookup), and do not
 # let a caller's job environment (salloc shell, batch job) leak into our srun/sbatch.
@@ -147,6 +152,23 @@ start_slurmd_locked() {
   pid=$(pid_of "$pf" slurmd) || return 1
   readlink "/proc/$pid/ns/uts" >> "$RUN/node$k.uts"
   log "slurmd node$k started (pid $pid, 127.0.0.1:$((NODE_PORT_BASE + k)))"
+}
+
+# pmix_missing K: nodeK's running slurmd started before PMIx was installed (its log says "can
+# not load PMIx library" since its last start) although the library is there now.  Such a slurmd
+# offers pmix in `srun --mpi=list`, but a `srun --mpi=pmix` step hangs its nodes in COMPLETING.
+pmix_missing() {
+  [ -e "$PMIX_LIB" ] || return 1
+  awk '/slurmd version .* started/ {bad = 0} /can not load PMIx library/ {bad = 1}
+       END {exit !bad}' "$LOG/slurmd-node$1.log" 2>/dev/null
+}
+# restart_slurmd K: stop nodeK's slurmd and start it again, holding its start lock so that the
+# watchdog cannot start one in between (running job steps survive: slurmstepd is separate)
+restart_slurmd() {
+  ( flock -w 30 9 || exit 1
+    local p
+    if p=$(pid_of "$RUN/slurmd-node$1.pid" slurmd); then stop_pids TERM "$p"; fi
+    start_slurmd_locked "$1" ) 9>"$RUN/slurmd-node$1.lock"
 }
 
 # bad_nodes: comma list of nodes not idle/mix/alloc/completing (empty if none); fails if
@@ -279,6 +301,9 @@ export ASKAP_TESTBED_IFACE=lo
 export ASKAP_TESTBED_HOST_IP=127.0.0.1
 # MPICH 4.0.2 (Debian) needs: srun --mpi=pmi2
 export ASKAP_TESTBED_MPI=pmi2
+# Open MPI 4.1.4 (Debian, external PMIx 4.2) needs: srun --mpi=pmix; its compiler wrapper:
+export ASKAP_TESTBED_OMPI=pmix
+export ASKAP_TESTBED_OMPI_MPICC=/usr/bin/mpicc.openmpi
 EOF
 }
 
@@ -292,6 +317,8 @@ save_cores() {
     mkdir -p "$LOG/crash" && mv -f "$c" "$LOG/crash/core.node$1.$(date +%Y%m%dT%H%M%S)" &&
       log "$(date +%T) watchdog: saved $LOG/crash/core.node$1.*"
   done
+  # (no crash/ yet: find fails, and under pipefail + set -e that ended the watchdog itself)
+  [ -d "$LOG/crash" ] || return 0
   find "$LOG/crash" -maxdepth 1 -name 'core.*' -printf '%T@ %p\n' 2>/dev/null |
     sort -rn | tail -n +6 | cut -d' ' -f2- | xargs -r rm -f
 }
@@ -351,9 +378,24 @@ install_packages() {
   [ ${#missing[@]} -gt 0 ] || return 0
   log "installing missing packages: ${missing[*]}"
   mkdir -p "$LOG"
+  pin_mpich   # before: MPICH may be there already, and must not be switched by the install
   export DEBIAN_FRONTEND=noninteractive
   { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
     >"$LOG/apt.log" 2>&1 || die "package installation failed" "$LOG/apt.log"
+}
+
+# pin_mpich: keep MPICH as Debian's choice for mpicc/mpirun/libmpi.so.  Open MPI's alternatives
+# have a higher priority (50 vs 40), so installing it would otherwise turn `mpicc` into Open MPI's
+# under everything built with it (the check program, mpi4py).  Sets the groups to manual mode.
+pin_mpich() {
+  local group want cur
+  for group in $(update-alternatives --get-selections | awk '$1 ~ /^mpi/ {print $1}'); do
+    want=$(update-alternatives --list "$group" 2>/dev/null | grep -m1 mpich) || continue
+    cur=$(update-alternatives --query "$group" 2>/dev/null | sed -n 's/^Value: //p')
+    [ "$cur" = "$want" ] && update-alternatives --query "$group" | grep -qx 'Status: manual' && continue
+    update-alternatives --set "$group" "$want" >/dev/null || die "update-alternatives --set $group $want failed"
+    log "alternatives: $group -> $want (MPICH stays the default MPI)"
+  done
 }
 
 start_munged() {
@@ -399,6 +441,7 @@ cmd_up() {
   check_int ASKAP_TESTBED_MEM "$MEM"
   [ "$NNODES" -le 50 ] || die "ASKAP_TESTBED_NODES must be <= 50"
   install_packages
+  pin_mpich
   mkdir -p "$DIR/etc" "$RUN" "$LOG" "$DIR/state/ctld"
   chmod 755 "$DIR"
 
@@ -417,8 +460,13 @@ cmd_up() {
   if ! pid_of "$DIR/munge/run/munged.pid" munged >/dev/null; then start_munged; started=1; fi
   if ! pid_of "$RUN/slurmctld.pid" slurmctld >/dev/null; then start_slurmctld; started=1; fi
   for ((k = 1; k <= NNODES; k++)); do
-    pid_of "$RUN/slurmd-node$k.pid" slurmd >/dev/null && continue
-    start_slurmd "$k" || die "slurmd node$k failed to start" "$LOG/slurmd-node$k.log"
+    if pid_of "$RUN/slurmd-node$k.pid" slurmd >/dev/null; then
+      pmix_missing "$k" || continue
+      log "slurmd node$k started before PMIx was installed: restarting it"
+      restart_slurmd "$k" || die "slurmd node$k failed to restart" "$LOG/slurmd-node$k.log"
+    else
+      start_slurmd "$k" || die "slurmd node$k failed to start" "$LOG/slurmd-node$k.log"
+    fi
     started=1
   done
   if [ "$started" = 1 ] && [ -e "$PAUSE" ]; then
@@ -490,6 +538,40 @@ cmd_down() {
 }
 
 # ------------------------------------------------------------------------------ status
+# mpi_status: both MPI families, each with its compiler wrapper and the srun plugin it needs;
+# fails when one is missing, mpicc is not MPICH's, or a slurmd runs without PMIx
+mpi_status() {
+  local ok=0 cc plugins k v
+  plugins=$(srun --mpi=list 2>&1 | awk '/^[[:space:]]+[a-z_0-9]+$/ {print $1}' | paste -sd' ' -) || true
+  cc=$(readlink -f "$(command -v mpicc)" 2>/dev/null) || cc=""
+  v=$(dpkg-query -W -f='${Version}' mpich 2>/dev/null) || v=""
+  if [ -n "$v" ] && [[ $cc == *mpich* ]]; then
+    printf '  %-14s %s (mpicc -> %s), srun --mpi=pmi2%s\n' MPICH "$v" "$cc" \
+      "$([[ " $plugins " == *" pmi2 "* ]] && echo "" || echo " NOT OFFERED")"
+    [[ " $plugins " == *" pmi2 "* ]] || ok=1
+  else
+    printf '  %-14s NOT OK: mpicc is %s, not MPICH (slurm_testbed.sh up installs and pins it)\n' \
+      MPICH "${cc:-missing}"; ok=1
+  fi
+  v=$(dpkg-query -W -f='${Version}' openmpi-bin 2>/dev/null) || v=""
+  if [ -n "$v" ] && [ -x /usr/bin/mpicc.openmpi ] && [ -e "$PMIX_LIB" ]; then
+    printf '  %-14s %s (/usr/bin/mpicc.openmpi, PMIx %s), srun --mpi=pmix%s\n' "Open MPI" "$v" \
+      "$(dpkg-query -W -f='${Version}' libpmix2 2>/dev/null)" \
+      "$([[ " $plugins " == *" pmix "* ]] && echo "" || echo " NOT OFFERED")"
+    [[ " $plugins " == *" pmix "* ]] || ok=1
+    for ((k = 1; k <= NNODES; k++)); do
+      if pid_of "$RUN/slurmd-node$k.pid" slurmd >/dev/null && pmix_missing "$k"; then
+        printf '  %-14s slurmd node%s started without PMIx: run slurm_testbed.sh up (restarts it)\n' "" "$k"
+        ok=1
+      fi
+    done
+  else
+    printf '  %-14s NOT INSTALLED (openmpi-bin, libopenmpi-dev, libpmix-dev): run slurm_testbed.sh up\n' \
+      "Open MPI"; ok=1
+  fi
+  return "$ok"
+}
+
 cmd_status() {
   local ok=0 p k bad
   show() {  # show NAME PID-or-empty
@@ -509,6 +591,7 @@ cmd_status() {
   else
     echo "  sinfo failed (slurmctld not answering)"; ok=1
   fi
+  mpi_status || ok=1
   if [ "$ok" = 0 ]; then echo "status: OK"; else echo "status: NOT OK"; fi
   return "$ok"
 }

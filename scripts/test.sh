@@ -5,10 +5,11 @@
 #   ./scripts/test.sh -k spec         extra arguments go to pytest
 #   ASKAP_TEST_PREFECT="3" ./scripts/test.sh     one major only
 #
-# It installs what the tests need (Debian: slurm-wlm, munge, mpich, postgresql, shellcheck; a venv
-# per Prefect major under .venvs/ with the pinned package sets), starts the 3-node SLURM test bed
-# (scripts/slurm_testbed.sh), runs pytest in each venv and stops the test bed again (set
-# ASKAP_TEST_KEEP_TESTBED=1 to leave it up). With CI=true a missing service fails its tests.
+# It installs what the tests need (Debian: slurm-wlm, munge, mpich, Open MPI with PMIx,
+# postgresql, the shellcheck linter, ...; a venv per Prefect major under .venvs/ with the pinned
+# package sets), starts the 3-node SLURM test bed (scripts/slurm_testbed.sh), runs pytest in each
+# venv and stops the test bed again (set ASKAP_TEST_KEEP_TESTBED=1 to leave it up).
+# With CI=true a missing service fails its tests.
 # Exit status: 0 only when every major passed.
 set -euo pipefail
 
@@ -24,7 +25,10 @@ log() { printf '[test.sh %(%H:%M:%S)T] %s\n' -1 "$*"; }
 die() { log "ERROR: $*"; exit 2; }
 
 # ---------------------------------------------------------------- 1. system packages
-PKGS=(slurm-wlm munge mpich libmpich-dev postgresql shellcheck gcc libc6-dev iproute2 chromium)
+# Open MPI + PMIx next to MPICH; slurm_testbed.sh up (step 2, before any venv is built) keeps
+# `mpicc` MPICH's through Debian's alternatives
+PKGS=(slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev libpmix-dev postgresql
+      shellcheck gcc libc6-dev iproute2 chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -79,6 +83,15 @@ setup_venv() {  # setup_venv MAJOR -> venv with the pinned set and the project (
       || die "mpi4py did not build (log: $OUT/pip-mpi4py-prefect$major.log)"
   fi
 }
+
+# the build backend's wheels, so that tests/test_wheel.py builds the package offline and fast
+WHEELHOUSE=$VENVS/wheelhouse
+if ! compgen -G "$WHEELHOUSE/hatchling-*.whl" >/dev/null; then
+  log "downloading the build backend (hatchling) into $WHEELHOUSE"
+  "$PYTHON" -m pip download -q --disable-pip-version-check --only-binary :all: -d "$WHEELHOUSE" \
+    hatchling > "$OUT/pip-wheelhouse.log" 2>&1 || die "pip download hatchling failed (log: $OUT/pip-wheelhouse.log)"
+fi
+export ASKAP_TEST_WHEELHOUSE=$WHEELHOUSE
 
 rc=0
 summary=()

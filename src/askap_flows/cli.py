@@ -13,7 +13,7 @@ from .spec import BACKENDS, SpecError, packaged_profiles, read_profile
 
 
 def cmd_build_mpi(args) -> int:
-    path = mpi.build_hello(args.output, force=args.force)
+    path = mpi.build_hello(args.output, force=args.force, mpicc=args.mpicc)
     print(path)
     return 0
 
@@ -38,7 +38,7 @@ def cmd_render(args) -> int:
 
     read_profile(args.profile)  # a clear error for a bad profile before anything else
     alloc, spec = cli_specs(args)
-    program = args.program or spec.program or str(mpi.default_program())
+    program = args.program or spec.program or str(mpi.default_program(spec.mpicc))
     if args.backend == "slurm":
         address = "127.0.0.1"  # what slurm.scheduler_host gives without a scheduler_interface
         try:
@@ -241,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-mpi", help="compile the MPI check program with $MPICC or mpicc")
     b.add_argument("--output", help=f"where to put it (default: {mpi.default_program()})")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument("--mpicc", help="compiler wrapper of another MPI (a profile's mpi: mpicc:, e.g. "
+                                   "/usr/bin/mpicc.openmpi); builds into its own bin/ directory")
     b.set_defaults(func=cmd_build_mpi)
     pr = sub.add_parser("profiles", help="list the packaged profiles")
     pr.set_defaults(func=cmd_profiles)

@@ -180,6 +180,41 @@ def mpi_flavour(mpiexec_version: str) -> str | None:
 
 
 NEEDED_PLUGIN = {"mpich": "pmi2", "openmpi": "pmix"}
+FAMILY = {"mpich": "MPICH", "openmpi": "Open MPI"}
+# what a program started with the wrong plugin does (measured on the test bed)
+WRONG_PLUGIN = {"mpich": "every rank would start as a singleton world of size 1",
+                "openmpi": "MPI_Init would abort on every rank (Open MPI needs PMIx)"}
+
+
+def linked_flavour(ldd_out: str) -> tuple[str | None, str]:
+    """('mpich' | 'openmpi' | None, the MPI library's file name) from ``ldd PROGRAM``.
+
+    libmpich.so.N and libmpi.so.12 (the MPICH ABI, e.g. the mpich wheel) are MPICH; libmpi.so.40
+    (Open MPI 3-5) with libopen-rte/libopen-pal or libmpi_cray are told apart by name too.
+    """
+    for line in ldd_out.splitlines():
+        lib = line.strip().split(" ", 1)[0]
+        if lib.startswith(("libmpich.so", "libmpi.so.12", "libmpi_cray")):
+            return "mpich", lib
+        if lib.startswith(("libmpi.so.4", "libopen-rte.so", "libopen-pal.so")):
+            return "openmpi", lib
+    return None, ""
+
+
+def wrapper_flavour(show_out: str) -> str | None:
+    """'mpich' | 'openmpi' | None from ``mpicc -show`` (the compile line the wrapper would run)."""
+    if "-lmpich" in show_out.split() or "/mpich" in show_out:
+        return "mpich"
+    if "openmpi" in show_out or "-lopen-" in show_out:
+        return "openmpi"
+    return None
+
+
+def mpi_library_check(flavour: str | None, source: str) -> Check:
+    """Which MPI library the profile's program uses, as found by ``source``."""
+    if flavour is None:
+        return Check("MPI library", SKIP, source or "the program's MPI library cannot be told")
+    return Check("MPI library", OK, f"{FAMILY[flavour]}: {source}")
 
 
 def mpi_plugin_check(spec: MPISpec, mpi_list: str | None, flavour: str | None) -> Check:
@@ -197,21 +232,26 @@ def mpi_plugin_check(spec: MPISpec, mpi_list: str | None, flavour: str | None) -
                      f"set mpi: mpi_plugin: to one of {shown} in the profile (MPICH: pmi2, "
                      "Open MPI: pmix)")
     need = NEEDED_PLUGIN.get(flavour or "")
-    if need and spec.mpi_plugin != need:
-        return Check("MPI plugin", FAIL, f"mpi_plugin {spec.mpi_plugin!r}, but the MPI here is "
-                     f"{flavour}: every rank would start as a singleton world of size 1",
+    if need and spec.mpi_plugin != need and flavour:
+        return Check("MPI plugin", FAIL, f"mpi_plugin {spec.mpi_plugin!r}, but the program is "
+                     f"{FAMILY[flavour]}: {WRONG_PLUGIN[flavour]}",
                      f"set mpi: mpi_plugin: {need} in the profile")
     if spec.mpi_plugin == "none":
         return Check("MPI plugin", WARN, "mpi_plugin 'none': ranks get no PMI and start as "
                      "singletons unless the program needs no MPI", "use pmi2 (MPICH) or pmix "
                      "(Open MPI)")
-    which = f" and fits {flavour}" if flavour else " (MPI flavour unknown: not compared)"
+    which = f" and fits {FAMILY[flavour]}" if flavour else " (MPI flavour unknown: not compared)"
     return Check("MPI plugin", OK, f"--mpi={spec.mpi_plugin} offered (of {shown}){which}")
 
 
 def mpicc_check(mpicc: str | None, mpiexec: str | None, program: Path, source: Path | None,
-                needs_mpiexec: bool) -> Check:
-    """An MPI compiler is there, and the check program is built and up to date."""
+                needs_mpiexec: bool, wanted: str | None = None) -> Check:
+    """An MPI compiler is there (``wanted``: the one the profile names), and the check program is
+    built and up to date."""
+    if mpicc is None and wanted:
+        return Check("mpicc + program", FAIL, f"the profile's mpi: mpicc: {wanted} is not there",
+                     "install that MPI (Debian's Open MPI: apt-get install openmpi-bin "
+                     "libopenmpi-dev), or fix mpi: mpicc: in the profile")
     if mpicc is None:
         return Check("mpicc + program", FAIL, "no MPI compiler (mpicc) found",
                      mpi.MPI_INSTALL_HINT)
@@ -220,7 +260,8 @@ def mpicc_check(mpicc: str | None, mpiexec: str | None, program: Path, source: P
                      "backend", mpi.MPI_INSTALL_HINT)
     if not program.exists():
         return Check("mpicc + program", WARN, f"mpicc {mpicc}; the check program {program} is "
-                     "not built yet (a run builds it first)", "askap-flows build-mpi")
+                     "not built yet (a run builds it first)",
+                     "askap-flows build-mpi" + (f" --mpicc {wanted}" if wanted else ""))
     if source is not None and program.stat().st_mtime < source.stat().st_mtime:
         return Check("mpicc + program", WARN, f"{program} is older than its source {source}",
                      "askap-flows build-mpi --force")
@@ -357,14 +398,38 @@ def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
     rows.append(reservation_check(alloc.reservation, alloc.reservation and _run(
         ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation])))
     listed = _run(["srun", "--mpi=list"])
+    flavour, source = program_flavour(spec)
+    mpi_list = None if listed is None or listed.returncode != 0 else listed.stdout + listed.stderr
+    rows.append(mpi_library_check(flavour, source))
+    rows.append(mpi_plugin_check(spec, mpi_list, flavour))
+    return rows
+
+
+def program_flavour(spec: MPISpec) -> tuple[str | None, str]:
+    """The MPI family of the program a run would start, and how that was found: ``ldd`` of the
+    program; for a hello program not built yet, the compiler wrapper that would build it; else
+    the ``mpiexec`` on PATH."""
+    if spec.wrapper:
+        return None, "the program runs inside a wrapper (container) with its own MPI"
+    prog = spec.program or str(mpi.default_program(spec.mpicc))
+    path = prog if os.sep in prog else shutil.which(prog)
+    if path and Path(path).is_file():
+        res = _run(["ldd", path])
+        flavour, lib = linked_flavour(res.stdout if res else "")
+        if flavour:
+            return flavour, f"{path} is linked against {lib}"
+    if spec.program is None:
+        cc = shutil.which(spec.mpicc) if spec.mpicc else mpi.find_mpicc()
+        res = _run([cc, "-show"]) if cc else None
+        flavour = wrapper_flavour(res.stdout) if res and res.returncode == 0 else None
+        if flavour:
+            return flavour, f"{path} is not built yet; {cc} builds it"
     mpiexec = mpi.find_mpiexec()
     version = _run([mpiexec, "--version"]) if mpiexec else None
     flavour = mpi_flavour(f"{version.stdout}\n{version.stderr}") if version else None
-    if spec.wrapper:
-        flavour = None  # the program runs in a container with its own MPI
-    mpi_list = None if listed is None or listed.returncode != 0 else listed.stdout + listed.stderr
-    rows.append(mpi_plugin_check(spec, mpi_list, flavour))
-    return rows
+    if flavour:
+        return flavour, f"not told by the program {prog}; the mpiexec on PATH is {mpiexec}"
+    return None, f"cannot tell which MPI {prog} uses (ldd shows no MPI library)"
 
 
 def prefect_checks(max_concurrent: int, api_url: str | None) -> list[Check]:
@@ -404,8 +469,9 @@ def run_checks(profile: str | None, backend: str, max_concurrent: int,
     else:
         rows += [Check(n, SKIP, "local backend: no SLURM")
                  for n in ("SLURM reachable", "partition", "account", "reservation", "MPI plugin")]
-    rows.append(mpicc_check(mpi.find_mpicc(), mpi.find_mpiexec(), mpi.default_program(),
-                            _source(), needs_mpiexec=backend == "local"))
+    cc = (shutil.which(spec.mpicc) or None) if spec.mpicc else mpi.find_mpicc()
+    rows.append(mpicc_check(cc, mpi.find_mpiexec(), mpi.default_program(spec.mpicc),
+                            _source(), needs_mpiexec=backend == "local", wanted=spec.mpicc))
     rows += prefect_checks(max_concurrent, os.environ.get("PREFECT_API_URL") or None)
     here = local_interfaces()
     sched = interface_check("scheduler", alloc.scheduler_interface, here, must_be_here=True)

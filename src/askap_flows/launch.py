@@ -40,13 +40,13 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
         nonlocal lines
         send("info" if stream == "stdout" else "warning", line)
         lines += 1
-        if line.startswith("srun: error: "):
+        if line.startswith("srun: error: ") or mpi.OMPI_WITHOUT_PMIX in line:
             srun_errors.append(line)
 
     try:
         res = shell.run(argv, on_line=on_line, timeout=spec.timeout, env=mpi.program_env(spec))
     except shell.CommandError as exc:
-        hint = mpi.first_failure(srun_errors)
+        hint = mpi.first_failure(srun_errors, spec.mpi_plugin)
         if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
             raise  # a timeout killed the ranks itself: their deaths are no cause
         raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -49,8 +50,14 @@ class RankRecord:
 askap_home = host.askap_home  # $ASKAP_FLOWS_HOME or ./.askap_flows (kept here for callers)
 
 
-def default_program() -> Path:
-    return askap_home() / "bin" / HELLO_NAME
+def default_program(mpicc: str | None = None) -> Path:
+    """Where the hello program lives: ``bin/`` of the home, or, built with a compiler wrapper a
+    profile names (``mpi: mpicc:``, e.g. Open MPI's next to MPICH's), ``bin/<wrapper>-<hash>/``,
+    so that builds with different MPI libraries never replace each other."""
+    if not mpicc:
+        return askap_home() / "bin" / HELLO_NAME
+    digest = hashlib.sha1(mpicc.encode()).hexdigest()[:8]
+    return askap_home() / "bin" / f"{Path(mpicc).name}-{digest}" / HELLO_NAME
 
 
 # --------------------------------------------------------------------------- launch command
@@ -60,7 +67,7 @@ def launch_command(spec: MPISpec, program: str | None = None) -> list[str]:
     srun:    srun --mpi=P -N nodes -n ntasks [--ntasks-per-node k] [-c cpus] [extra] [wrapper] prog args
     mpiexec: mpiexec -n ntasks [extra] [wrapper] prog args
     """
-    prog = program or spec.program or str(default_program())
+    prog = program or spec.program or str(default_program(spec.mpicc))
     if spec.launcher == "srun":
         argv = ["srun", f"--mpi={spec.mpi_plugin}", "--nodes", str(spec.nodes),
                 "--ntasks", str(spec.ntasks)]
@@ -74,12 +81,20 @@ def launch_command(spec: MPISpec, program: str | None = None) -> list[str]:
     return argv + list(spec.launcher_args) + list(spec.wrapper) + [prog] + list(spec.args)
 
 
+# Every rank of an Open MPI program started by srun without PMIx (--mpi=pmi2 or none) prints this
+# before MPI_Init aborts (Open MPI 4.1 of Debian 12; it is not built with SLURM's PMI-1/PMI-2)
+OMPI_WITHOUT_PMIX = "OMPI was not built with SLURM's PMI support"
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9,-]+): (?P<what>.+)$")
 
 
-def first_failure(stderr_lines: Sequence[str]) -> str | None:
+def first_failure(stderr_lines: Sequence[str], mpi_plugin: str | None = None) -> str | None:
     """The first rank failure srun reported (the cause; ranks it then terminated are effects),
-    as a hint for the error message, or None."""
+    as a hint for the error message, or None. When Open MPI said it was started without PMIx,
+    the hint is that fix alone."""
+    if any(OMPI_WITHOUT_PMIX in line for line in stderr_lines):
+        return (f"MPI_Init aborted: the program is built with Open MPI, which srun starts only with "
+                f"--mpi=pmix (this was --mpi={mpi_plugin or '?'}). Fix: set mpi: mpi_plugin: pmix "
+                "in the profile.")
     failures = [m for m in map(_SRUN_TASK_ERROR.match, (x.strip() for x in stderr_lines)) if m]
     causes = [m for m in failures if m.group("what") not in ("Terminated", "Killed")] or failures
     if not causes:
@@ -119,6 +134,9 @@ def check_world(ranks: Sequence[RankRecord], spec: MPISpec) -> None:
         hint = ("MPICH needs --mpi=pmi2, Open MPI needs --mpi=pmix"
                 if spec.launcher == "srun" else "the mpiexec does not belong to the MPI the "
                 "program was compiled with")
+        if spec.launcher == "srun" and spec.mpi_plugin.startswith("pmix"):
+            hint += (" (an MPICH program started with pmix gives exactly this). Fix: set mpi: "
+                     "mpi_plugin: pmi2 in the profile, or build the program with Open MPI")
         raise MPIError(
             f"every rank reports size 1 although {n} ranks were started: they are {len(ranks)} "
             f"separate singleton worlds, not one MPI job. The launcher and the MPI library do not "
@@ -163,14 +181,17 @@ def hello_source() -> Path:
 _build_mutex = threading.Lock()
 
 
-def build_hello(output: Path | None = None, force: bool = False) -> Path:
+def build_hello(output: Path | None = None, force: bool = False, mpicc: str | None = None) -> Path:
     """Compile the hello program with mpicc (if missing or older than its source); return its path.
+
+    ``mpicc``: the compiler wrapper to use (a profile's ``mpi: mpicc:``); its program goes to
+    ``default_program(mpicc)``. Default: :func:`find_mpicc`, into ``default_program()``.
 
     Built once per home, however many sub-flows ask at once: threads queue on a mutex, processes
     on an ``flock`` of ``<output>.lock``; whoever comes second finds the program built. The
     compiler writes a temporary file unique to the process and thread, renamed into place.
     """
-    output = Path(output or default_program())
+    output = Path(output or default_program(mpicc))
     src = hello_source()
 
     def current() -> bool:
@@ -178,7 +199,11 @@ def build_hello(output: Path | None = None, force: bool = False) -> Path:
 
     if current():
         return output
-    cc = find_mpicc()
+    cc = shutil.which(mpicc) if mpicc else find_mpicc()
+    if cc is None and mpicc:
+        raise MPIError(f"the profile's MPI compiler (mpi: mpicc: {mpicc}) is not there. Install "
+                       "that MPI (Debian's Open MPI: apt-get install openmpi-bin libopenmpi-dev) "
+                       "or fix mpi: mpicc: in the profile.")
     if cc is None:
         raise MPIError(f"no MPI compiler (mpicc) found to build {output.name}. {MPI_INSTALL_HINT}")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +234,7 @@ def resolve_program(spec: MPISpec, program: str | None) -> tuple[str, bool]:
     Builds the hello program if it is missing; a user program must exist (unless wrapped)."""
     prog = program or spec.program
     if prog is None:
-        return str(build_hello()), True
+        return str(build_hello(mpicc=spec.mpicc)), True
     if not spec.wrapper:
         path = Path(prog) if os.sep in prog else shutil.which(prog)
         if path is None or not Path(path).exists():

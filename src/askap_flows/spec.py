@@ -154,6 +154,7 @@ class MPISpec:
     mpi_plugin: str = "pmi2"  # srun --mpi=...; MPICH: pmi2, Open MPI: pmix
     launcher: str = "srun"  # srun (SLURM backend) or mpiexec (local backend)
     program: str | None = None  # default: the packaged hello-world, built by `askap-flows build-mpi`
+    mpicc: str | None = None  # compiler wrapper for that hello-world (default $MPICC or mpicc)
     args: tuple[str, ...] = ()
     wrapper: tuple[str, ...] = ()  # e.g. ('apptainer', 'exec', '-B', '/scratch', 'image.sif')
     launcher_args: tuple[str, ...] = ()
