@@ -105,13 +105,25 @@ def slurm_ready() -> str | None:
     return None
 
 
+TIERS = ("unit", "mpi", "slurm", "postgres")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test carries exactly one tier marker (the README's promise)."""
+    wrong = [f"{item.nodeid}: {sorted(tiers) or 'none'}" for item in items
+             if len(tiers := {m.name for m in item.iter_markers() if m.name in TIERS}) != 1]
+    if wrong:
+        raise pytest.UsageError("each test needs exactly one tier marker (unit, mpi, slurm, "
+                                "postgres):\n" + "\n".join(wrong))
+
+
 def pytest_runtest_setup(item):
     marks = {m.name for m in item.iter_markers()}
     if "slurm" in marks:
         why = slurm_ready()
         if why:
             _missing(why)
-    if "mpi" in marks:
+    if marks & {"mpi", "slurm", "postgres"}:  # the slurm and postgres tiers run MPI programs too
         from askap_flows import mpi
 
         if mpi.find_mpicc() is None or mpi.find_mpiexec() is None:

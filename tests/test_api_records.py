@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+pytestmark = pytest.mark.slurm
 
 
 async def _records(parent_id: str):

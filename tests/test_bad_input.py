@@ -97,7 +97,6 @@ def test_shell_metacharacters_in_a_directive_value_are_refused(tmp_path, key):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_shell_metacharacters_in_paths_args_and_env_are_quoted_not_run(tmp_path, hello_program,
                                                                       no_jobs_left):
     """Values that may hold any character reach SLURM and the program quoted: the job runs, and

@@ -29,7 +29,6 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_overhead_quick(tmp_path):
     data = _run("overhead", tmp_path)
     runs = data["workload"]["runs"]
@@ -73,6 +72,7 @@ def test_sweep_quick(tmp_path):
     assert Path(data["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.unit
 def test_readme_tables_are_the_committed_json():
     """benchmarks/README.md shows what benchmarks/results/*.json hold (report.py renders them)."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")],

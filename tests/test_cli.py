@@ -31,9 +31,3 @@ def test_profiles_lists_the_packaged_ones():
         assert name in r.stdout
 
 
-@pytest.mark.mpi
-def test_build_mpi(tmp_path, hello_program):
-    out = tmp_path / "hello"
-    r = cli("build-mpi", "--output", str(out))
-    assert r.returncode == 0, r.stderr
-    assert out.exists() and r.stdout.strip() == str(out)

@@ -118,7 +118,6 @@ def test_array_subflow_composes_with_mpi_subflows(hello_program):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_12_concurrent_slurm_subflows(hello_program, no_jobs_left):
     from prefect import flow
 
@@ -140,7 +139,6 @@ def test_12_concurrent_slurm_subflows(hello_program, no_jobs_left):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_array_subflow_on_slurm(no_jobs_left):
     from askap_flows.flows import array_subflow
 
@@ -153,7 +151,6 @@ def _jobs(prefix="askapflows-"):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hello_program):
     profile = tmp_path / "sleepy.yaml"

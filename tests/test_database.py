@@ -459,7 +459,6 @@ def subflow_runs(api_url: str, flow_name: str) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.mark.postgres
-@pytest.mark.mpi
 @pytest.mark.timeout(900)
 def test_140_subflows_against_a_postgres_backed_server(postgres, hello_program, tmp_path):
     from askap_flows.server import PrefectServer
@@ -491,7 +490,6 @@ def test_140_subflows_against_a_postgres_backed_server(postgres, hello_program, 
 
 
 @pytest.mark.postgres
-@pytest.mark.mpi
 def test_main_job_starts_its_own_server_on_postgres(postgres, hello_program, tmp_path):
     db = f"own{compat.PREFECT_MAJOR}"
     url = postgres.start(db)
@@ -506,7 +504,6 @@ def test_main_job_starts_its_own_server_on_postgres(postgres, hello_program, tmp
 
 
 @pytest.mark.postgres
-@pytest.mark.mpi
 def test_a_database_that_went_away_stops_the_run_before_it_starts(pg_base, hello_program,
                                                                   tmp_path):
     from askap_flows.server import PrefectServer

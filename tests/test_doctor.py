@@ -132,7 +132,6 @@ def test_a_run_and_doctor_look_interfaces_up_with_the_same_function(monkeypatch)
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_doctor_testbed_profile_is_all_ok(hello_program):
     r = doctor_cli("--profile", "testbed", "--max-concurrent", "4")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -147,7 +146,6 @@ def test_doctor_testbed_profile_is_all_ok(hello_program):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_doctor_broken_profile_fails_with_fixes(tmp_path, hello_program):
     text = (ROOT / "src/askap_flows/profiles/testbed.yaml").read_text()
     text = (text.replace("partition: debug", "partition: nosuchpart")

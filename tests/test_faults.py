@@ -136,7 +136,6 @@ def test_a_retry_excludes_every_failed_node_so_far():
 
 # --------------------------------------------------------------------------- 1. a node dies
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_node_death_fails_the_subflow_then_a_retry_succeeds_elsewhere(tmp_path, hello_program,
                                                                       no_jobs_left):
     from askap_flows.flows import mpi_subflow
@@ -206,7 +205,6 @@ def test_node_death_fails_the_subflow_then_a_retry_succeeds_elsewhere(tmp_path, 
 
 # --------------------------------------------------------------------------- 2. scancel
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_job_cancelled_from_outside_fails_its_subflow_clearly(tmp_path, hello_program,
                                                              no_jobs_left):
     from askap_flows.flows import mpi_subflow
@@ -247,7 +245,6 @@ def test_job_cancelled_from_outside_fails_its_subflow_clearly(tmp_path, hello_pr
 
 # --------------------------------------------------------------------------- 3 + 4 + 5
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_failing_hanging_and_overtime_programs_say_what_happened(tmp_path, hello_program,
                                                                  no_jobs_left):
     """Five failing programs, a hanging one and a job that reaches its walltime, as sub-flows of
@@ -361,7 +358,6 @@ def test_missing_or_unexecutable_program_is_refused_before_submission(tmp_path):
 
 # --------------------------------------------------------------------------- 6. the database restarts
 @pytest.mark.postgres
-@pytest.mark.mpi
 def test_database_restart_mid_pipeline_loses_no_flow_run(tmp_path, hello_program):
     from askap_flows.server import PrefectServer, free_port
 
@@ -422,7 +418,6 @@ def test_database_restart_mid_pipeline_loses_no_flow_run(tmp_path, hello_program
 
 # --------------------------------------------------------------------------- 7. SIGKILL
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_sigkilled_pipeline_leaves_jobs_that_cleanup_cancels(tmp_path, hello_program):
     prefix = f"fkill{uuid.uuid4().hex[:6]}"
     profile = tmp_path / "p.yaml"

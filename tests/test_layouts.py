@@ -8,7 +8,7 @@ import pytest
 from askap_flows import slurm
 from askap_flows.mpi import MPIError
 
-pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+pytestmark = pytest.mark.slurm
 
 
 def test_two_nodes_two_tasks_each_two_cpus(tmp_path, hello_program, no_jobs_left):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import run_main
+from test_cli import cli
 
 pytestmark = pytest.mark.mpi
 
@@ -182,3 +183,11 @@ def test_concurrent_builds_in_threads_and_processes_share_one_program(tmp_path):
         paths = list(pool.map(lambda _: mpi.build_hello(out), range(8)))
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert set(paths) == {out} and os.access(out, os.X_OK)
+
+
+def test_build_mpi(tmp_path, hello_program):
+    out = tmp_path / "hello"
+    r = cli("build-mpi", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and r.stdout.strip() == str(out)
+

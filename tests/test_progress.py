@@ -80,7 +80,6 @@ def run_in_pty(argv, timeout=300):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_tty_gets_a_live_line_with_job_ids(tmp_path, hello_program):
     # the testbed profile with this test's own job names: the shared test bed runs other
     # askapflows-* jobs meanwhile, and this test must see only its own

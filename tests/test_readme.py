@@ -83,7 +83,6 @@ def test_readme_pipeline_is_examples_pipeline():
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_readme_commands_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}

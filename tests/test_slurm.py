@@ -8,7 +8,7 @@ import pytest
 from askap_flows import slurm
 from conftest import run_main
 
-pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+pytestmark = pytest.mark.slurm
 
 
 def test_three_node_subflow_forms_one_world(hello_program, no_jobs_left):

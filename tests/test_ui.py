@@ -27,7 +27,7 @@ from conftest import IN_CI, ROOT, askap_jobs
 
 from askap_flows import compat
 
-pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+pytestmark = pytest.mark.slurm
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
