@@ -1,0 +1,138 @@
+"""The main job's life: one Prefect server, started before Prefect is imported and gone after any
+signal; a quiet terminal after Ctrl-C; runs started at the same instant in one directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+SERVER_MARKS = ("server start", "create_app")  # `prefect server start`, its (or an ephemeral) uvicorn
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def prefect_servers(root: int) -> dict[int, tuple[int, str]]:
+    """Prefect server processes descending from ``root``: pid -> (parent pid, command line)."""
+    kids, found, todo = _children(), {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child in kids.get(pid, []):
+            cmd = _cmdline(child)
+            if any(mark in cmd for mark in SERVER_MARKS):
+                found[child] = (pid, cmd)
+            todo.append(child)
+    return found
+
+
+class ServerWatch(threading.Thread):
+    """Records every Prefect server that descends from a process while it runs."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.seen = proc, {}
+
+    def run(self) -> None:
+        while self.proc.poll() is None:
+            self.seen.update(prefect_servers(self.proc.pid))
+            time.sleep(0.2)
+
+    def servers(self) -> list[int]:
+        """The distinct servers: a server's own uvicorn child is part of that server."""
+        return sorted(pid for pid, (parent, _) in self.seen.items() if parent not in self.seen)
+
+    def alive(self) -> list[str]:
+        return [cmd for pid, (_, cmd) in self.seen.items() if _cmdline(pid) == cmd]
+
+
+def _sleepy_profile(tmp_path: Path) -> Path:
+    profile = tmp_path / "sleepy.yaml"
+    profile.write_text("allocation:\n  nodes: 1\n  ntasks_per_node: 1\n  interface: lo\n"
+                       "  scheduler_interface: lo\nmpi:\n  nodes: 1\n  ntasks: 1\n"
+                       "  launcher: mpiexec\n  mpi_plugin: none\n  args: ['--sleep', '120']\n")
+    return profile
+
+
+def _start_run(tmp_path: Path, hello_program: str, *args: str) -> tuple[subprocess.Popen, ServerWatch]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env["ASKAP_FLOWS_HOME"] = str(tmp_path / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "askap_flows.run", "--program", hello_program, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        start_new_session=True)
+    watch = ServerWatch(proc)
+    watch.start()
+    return proc, watch
+
+
+def _wait_for(proc: subprocess.Popen, text: str) -> str:
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"the run ended before {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "group Ctrl-C"])
+def test_a_run_talks_to_one_prefect_server_and_leaves_none(how, tmp_path, hello_program):
+    """Prefect 3 imported before PREFECT_API_URL was set started a temporary server of its own next
+    to the run's (left behind after SIGINT; a group Ctrl-C killed it first and the run then waited
+    30 s for it). Now the process tree holds exactly one server, gone after any signal, and a
+    terminal's Ctrl-C ends the run promptly. The terminal shows no traceback, and says once that
+    the run was interrupted; the details are in the run's log file."""
+    proc, watch = _start_run(tmp_path, hello_program, "--profile", str(_sleepy_profile(tmp_path)),
+                             "--subflows", "2")
+    head = _wait_for(proc, "mpi-1 started")
+    time.sleep(3)  # the sub-flows' MPI steps run now
+    sent = time.monotonic()
+    if how == "group Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(getattr(signal, how))
+    _, rest = proc.communicate(timeout=120)
+    ended = time.monotonic() - sent
+    watch.join(timeout=5)
+    err = head + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert len(watch.servers()) == 1, f"Prefect servers of the run: {watch.seen}"
+    assert watch.alive() == [], "a Prefect server outlived the run"
+    assert ended < 20, f"the run took {ended:.0f} s to end after {how}"
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("received SIG") == 1 and err.count("interrupted: ") == 1, err[-3000:]
+    logs = list((tmp_path / "home" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and logs[0].name in err
+
+
+def test_a_finished_run_had_one_prefect_server(tmp_path, hello_program):
+    proc, watch = _start_run(tmp_path, hello_program, "--subflows", "2", "--ntasks", "2")
+    _, err = proc.communicate(timeout=300)
+    watch.join(timeout=5)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(watch.servers()) == 1, f"Prefect servers of the run: {watch.seen}"
+    assert watch.alive() == []
