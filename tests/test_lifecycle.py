@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.mpi
-
 SERVER_MARKS = ("server start", "create_app")  # `prefect server start`, its (or an ephemeral) uvicorn
 
 
@@ -99,6 +97,7 @@ def _wait_for(proc: subprocess.Popen, text: str) -> str:
     raise AssertionError(f"the run ended before {text!r}:\n{''.join(seen)[-3000:]}")
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "group Ctrl-C"])
 def test_a_run_talks_to_one_prefect_server_and_leaves_none(how, tmp_path, hello_program):
     """Prefect 3 imported before PREFECT_API_URL was set started a temporary server of its own next
@@ -129,6 +128,7 @@ def test_a_run_talks_to_one_prefect_server_and_leaves_none(how, tmp_path, hello_
     assert len(logs) == 1 and logs[0].name in err
 
 
+@pytest.mark.mpi
 def test_a_finished_run_had_one_prefect_server(tmp_path, hello_program):
     proc, watch = _start_run(tmp_path, hello_program, "--subflows", "2", "--ntasks", "2")
     _, err = proc.communicate(timeout=300)
@@ -136,3 +136,52 @@ def test_a_finished_run_had_one_prefect_server(tmp_path, hello_program):
     assert proc.returncode == 0, err[-3000:]
     assert len(watch.servers()) == 1, f"Prefect servers of the run: {watch.seen}"
     assert watch.alive() == []
+
+
+@pytest.mark.mpi
+def test_two_runs_started_at_the_same_instant_in_one_directory_both_complete(tmp_path, hello_program):
+    """Both started a server on ./.askap_flows/prefect<major>/prefect.db and both ran Prefect's
+    migrations at once: one server died with an alembic error (about half of the tries). Servers
+    of one PREFECT_HOME now start one at a time (an flock held until the server answers)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_HOME", "PREFECT_API_URL", "ASKAP_FLOWS_HOME")}
+    argv = [sys.executable, "-m", "askap_flows.run", "--subflows", "2", "--ntasks", "2",
+            "--program", hello_program]
+    for round_ in range(3):
+        cwd = tmp_path / f"project{round_}"  # a fresh directory: no database yet
+        cwd.mkdir()
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env, cwd=cwd) for _ in range(2)]
+        results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+        for code, err in results:
+            assert code == 0, f"round {round_}: {err[-3000:]}"
+
+
+@pytest.mark.unit
+def test_an_interrupt_before_the_subflows_start_is_not_forgotten():
+    """A Ctrl-C that arrives while the parent flow run is being created must stop the sub-flows
+    from starting (run_subflows cleared it); once that composition has ended, a new one runs."""
+    from askap_flows import runners
+    from askap_flows.flows import run_subflows
+
+    try:
+        runners.cancel_everything()  # the interrupt, before the composition
+        first = run_subflows([lambda: 1, lambda: 2], max_concurrent=2)
+        assert [str(o.error) for o in first] == ["not started: the pipeline is shutting down"] * 2
+        second = run_subflows([lambda: 3], max_concurrent=1)  # the interrupt is over
+        assert [o.value for o in second] == [3]
+    finally:
+        runners.shutting_down.clear()
+
+
+@pytest.mark.unit
+def test_each_prefect_major_has_its_own_home_by_default(tmp_path, monkeypatch):
+    """Prefect 2 and 3 in one checkout shared ./.askap_flows/prefect/prefect.db, and the other
+    major then refused it ("migrated by another Prefect version")."""
+    from askap_flows import compat, server
+
+    for name in ("ASKAP_FLOWS_HOME", "PREFECT_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    server.prepare_environment()
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / ".askap_flows" / f"prefect{compat.PREFECT_MAJOR}")

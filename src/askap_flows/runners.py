@@ -110,6 +110,20 @@ class RunCluster:
 _active_jobs: set[str] = set()
 _active_lock = threading.Lock()
 shutting_down = threading.Event()
+_shutdown_at = float("inf")  # when shutting_down was last set by cancel_everything
+_composition_ended_at = float("-inf")  # when the last run_subflows of this process ended
+
+
+def begin_composition() -> None:
+    """A new run_subflows: forget an interrupt that an earlier, finished composition has seen,
+    but keep one that came since (e.g. Ctrl-C while the parent flow run was being created)."""
+    if shutting_down.is_set() and _shutdown_at < _composition_ended_at:
+        shutting_down.clear()
+
+
+def end_composition() -> None:
+    global _composition_ended_at
+    _composition_ended_at = time.monotonic()
 
 
 @contextmanager
@@ -153,6 +167,9 @@ def active_job_names() -> set[str]:
 
 def cancel_everything() -> list[str]:
     """Shutdown (Ctrl-C, SIGTERM): stop new work, cancel every job, kill every launched command."""
+    global _shutdown_at
+    if not shutting_down.is_set():
+        _shutdown_at = time.monotonic()
     shutting_down.set()
     names = sorted(active_job_names())
     for name in names:
