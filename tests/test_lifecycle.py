@@ -185,3 +185,26 @@ def test_each_prefect_major_has_its_own_home_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server.prepare_environment()
     assert os.environ["PREFECT_HOME"] == str(tmp_path / ".askap_flows" / f"prefect{compat.PREFECT_MAJOR}")
+
+
+@pytest.mark.mpi
+def test_the_example_pipeline_gets_its_server_as_the_main_job_does(tmp_path, hello_program):
+    """examples/pipeline.py without PREFECT_API_URL: its processes reported to a temporary server
+    of their own (Prefect 3: a uvicorn child of each process; in a SLURM job, one inside the job).
+    With askap_flows.prefect_server() it starts one announced server, the one all of them use."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env["ASKAP_FLOWS_HOME"] = str(tmp_path / "home")
+    (tmp_path / "home" / "bin").mkdir(parents=True)
+    os.symlink(hello_program, tmp_path / "home" / "bin" / Path(hello_program).name)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "examples" / "pipeline.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)
+    watch = ServerWatch(proc)
+    watch.start()
+    out, err = proc.communicate(timeout=300)
+    watch.join(timeout=5)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Prefect UI for this run:" in err
+    servers = [watch.seen[pid][1] for pid in watch.servers()]
+    assert len(servers) == 1 and "server start" in servers[0], watch.seen
+    assert watch.alive() == []

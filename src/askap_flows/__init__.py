@@ -6,11 +6,15 @@ Importing this package does not import Prefect; ``askap_flows.flows`` does.
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
 __all__ = ["AllocationSpec", "MPISpec", "SpecError", "build_specs", "mpi_subflow", "array_subflow",
-           "run_subflows"]
+           "run_subflows", "prefect_server"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name == "prefect_server":
+        from .server import prefect_server
+
+        return prefect_server
     if name in ("mpi_subflow", "array_subflow", "run_subflows"):
         from . import flows
 

@@ -135,6 +135,23 @@ def parse_url(url: str) -> DatabaseURL:
     )
 
 
+def url_from_file(path: str | os.PathLike) -> str:
+    """A database URL kept in a file that only its owner can read (mode 0600 or stricter)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise DatabaseError(f"cannot read the database URL file {path}: {exc.strerror}.") from None
+    if mode & 0o077:
+        raise DatabaseError(f"{path} (mode {mode:04o}) can be read by other users, and it holds a "
+                            f"database password. Fix: chmod 600 {path}")
+    if not text:
+        raise DatabaseError(f"the database URL file {path} is empty.")
+    parse_url(text)
+    return text
+
+
 def configured_url(env: Mapping[str, str] | None = None) -> tuple[str, str]:
     """The database URL a server started now would use, and where it came from.
 
@@ -403,8 +420,9 @@ def check_server(api_url: str, timeout: float = 15.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise DatabaseError(
             f"no Prefect server answers at PREFECT_API_URL={api_url} ({reason}). Fix: start one "
-            "(askap-flows server --database-url URL --host ADDRESS) and export the "
-            "PREFECT_API_URL it prints, or unset PREFECT_API_URL to let the run start its own."
+            "(askap-flows server --database-url-file FILE --host ADDRESS, FILE holding the "
+            "database URL, mode 0600) and export the PREFECT_API_URL it prints, or unset "
+            "PREFECT_API_URL to let the run start its own."
         ) from None
     try:
         with urllib.request.urlopen(f"{base}/ready", timeout=timeout) as r:
