@@ -304,6 +304,26 @@ def test_cli_db_check_refuses_sqlite_and_names_the_fix(tmp_path):
 
 
 @pytest.mark.unit
+def test_cli_server_keeps_database_passwords_off_command_lines(tmp_path):
+    """A password given with --database-url is in ps for every user of a login node: refused,
+    with the fix; a URL file readable by others is refused too. Nothing prints the password."""
+    url = "postgresql+asyncpg://prefect:S3cretPW@127.0.0.1:1/prefect"
+    r = cli("server", "--database-url", url, "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and "--database-url-file FILE" in r.stderr, r.stderr
+    assert " ps" in r.stderr and "S3cretPW" not in r.stdout + r.stderr
+    url_file = tmp_path / "db-url"
+    url_file.write_text(url)
+    url_file.chmod(0o644)
+    r = cli("server", "--database-url-file", str(url_file), "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and f"chmod 600 {url_file}" in r.stderr, r.stderr
+    assert "S3cretPW" not in r.stdout + r.stderr
+    url_file.chmod(0o600)  # accepted: the next complaint is the unreachable database, redacted
+    r = cli("server", "--database-url-file", str(url_file), "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and "connection refused" in r.stderr, r.stderr
+    assert "S3cretPW" not in r.stdout + r.stderr
+
+
+@pytest.mark.unit
 def test_cli_server_with_a_taken_port(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -413,13 +433,19 @@ def test_cli_server_runs_in_the_foreground(postgres, tmp_path):
     db = f"cli{compat.PREFECT_MAJOR}"
     postgres.start(db)
     port = free_port("127.0.0.1")
+    url_file = tmp_path / "db-url"
+    url_file.write_text(postgres.url(db))
+    url_file.chmod(0o600)
+    password = (postgres.dir / "password").read_text().strip()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "askap_flows.cli", "server", "--database-url", postgres.url(db),
+        [sys.executable, "-m", "askap_flows.cli", "server", "--database-url-file", str(url_file),
          "--host", "127.0.0.1", "--port", str(port), "--max-concurrent", "12", "--home",
          str(tmp_path / "home")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert password not in ps  # the server's command lines never show it
         assert lines == [f"Prefect UI: http://127.0.0.1:{port}/\n",
                          f"export PREFECT_API_URL=http://127.0.0.1:{port}/api\n"], proc.stderr.read()
         database.check_server(f"http://127.0.0.1:{port}/api")  # its database answers too
@@ -434,6 +460,7 @@ def test_cli_server_runs_in_the_foreground(postgres, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    assert password not in "".join(lines) + out + err
     assert "server stopped" in err and "reachable from this node only" in err
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
