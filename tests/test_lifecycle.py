@@ -208,3 +208,67 @@ def test_the_example_pipeline_gets_its_server_as_the_main_job_does(tmp_path, hel
     servers = [watch.seen[pid][1] for pid in watch.servers()]
     assert len(servers) == 1 and "server start" in servers[0], watch.seen
     assert watch.alive() == []
+
+
+def _slurm_run(tmp_path: Path, hello_program: str, prefix: str) -> subprocess.Popen:
+    profile = tmp_path / "slow.yaml"
+    profile.write_text(f"allocation:\n  job_name_prefix: {prefix}\n"
+                       "  nodes: 1\n  ntasks_per_node: 1\n  partition: debug\n"
+                       "  interface: lo\n  scheduler_interface: lo\n"
+                       "mpi:\n  nodes: 1\n  ntasks: 1\n  args: ['--sleep', '120']\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env["ASKAP_FLOWS_HOME"] = str(tmp_path / "home")
+    return subprocess.Popen(
+        [sys.executable, "-m", "askap_flows.run", "--backend", "slurm", "--profile", str(profile),
+         "--subflows", "2", "--max-concurrent", "2", "--program", hello_program],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+
+
+def _queued(prefix: str) -> list[str]:
+    from conftest import askap_jobs
+
+    return askap_jobs(prefix)
+
+
+def _nothing_left(prefix: str, home: Path) -> None:
+    deadline = time.monotonic() + 30  # scancel takes effect within SLURM's KillWait
+    while _queued(prefix) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _queued(prefix) == [], "SLURM jobs of the run are left"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert [line for line in ps.splitlines() if str(home) in line] == []
+
+
+@pytest.mark.slurm
+def test_a_signal_during_start_up_starts_no_subflow(tmp_path, hello_program):
+    """Ctrl-C while the parent flow run was being created was forgotten (run_subflows cleared
+    it): the sub-flows started and submitted jobs, and 30 s later the run os._exit-ed with them
+    live. Now no sub-flow starts, and no job is left."""
+    prefix = f"lcstart{os.getpid()}"
+    proc = _slurm_run(tmp_path, hello_program, prefix)
+    head = _wait_for(proc, "running 2 sub-flow(s)")
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = head + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "not started: the run was interrupted" in err or "not started" in err, err[-3000:]
+    assert " started (" not in err, err[-3000:]  # no sub-flow started
+    _nothing_left(prefix, tmp_path / "home")
+
+
+@pytest.mark.slurm
+def test_a_double_signal_leaves_no_job(tmp_path, hello_program):
+    """A second Ctrl-C os._exit-ed at once, possibly before the first one's cancels were made.
+    Now it waits for them: after two signals in a row, no job and no process of the run is left."""
+    prefix = f"lcdouble{os.getpid()}"
+    proc = _slurm_run(tmp_path, hello_program, prefix)
+    deadline = time.monotonic() + 120
+    while len(_queued(prefix)) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    assert len(_queued(prefix)) == 2, "the run's two jobs never appeared"
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    _nothing_left(prefix, tmp_path / "home")
