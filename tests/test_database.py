@@ -177,9 +177,10 @@ def test_sqlite_refuses_high_concurrency(tmp_path):
     with pytest.raises(DatabaseError) as err:
         database.preflight(database.SQLITE_MAX_CONCURRENT + 1, env=env)
     msg = str(err.value)
-    for part in ("refusing to run 5 concurrent sub-flows against sqlite", "503",
-                 "scripts/postgres_database.sh start", "--max-concurrent 4",
-                 "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT=5"):
+    assert database.SQLITE_MAX_CONCURRENT == 8  # measured: docs/database.md
+    for part in ("refusing to run 9 concurrent sub-flows against sqlite", "503",
+                 "scripts/postgres_database.sh start", "--max-concurrent 8",
+                 "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT=9", "lost a run at 32"):
         assert part in msg, msg
     database.preflight(40, env={**env, database.SQLITE_LIMIT_ENV: "40"})  # explicit override
     with pytest.raises(DatabaseError, match="not a whole number"):
@@ -337,12 +338,12 @@ def test_cli_server_with_a_taken_port(tmp_path):
 
 @pytest.mark.unit
 def test_main_job_refuses_sqlite_before_anything_starts(tmp_path):
-    r = run_main("--subflows", "8", "--max-concurrent", "8", "--program", "/bin/true",
+    r = run_main("--subflows", "9", "--max-concurrent", "9", "--program", "/bin/true",
                  env=clean_env(PREFECT_API_URL="", PREFECT_HOME=str(tmp_path / "prefect"),
                                ASKAP_FLOWS_HOME=str(tmp_path / "home")), timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "refusing to run 8 concurrent sub-flows against sqlite" in r.stderr
-    assert "Prefect UI" not in r.stderr and "running 8 sub-flow" not in r.stderr
+    assert "refusing to run 9 concurrent sub-flows against sqlite" in r.stderr
+    assert "Prefect UI" not in r.stderr and "running 9 sub-flow" not in r.stderr
     assert not (tmp_path / "prefect" / "prefect.db").exists()
 
 

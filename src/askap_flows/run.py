@@ -87,12 +87,12 @@ def install_signal_handlers() -> None:
         runners = sys.modules.get("askap_flows.runners")
         if runners is not None:
             runners.shutting_down.set()  # no new sub-flow starts from now on
-        thread = threading.Thread(target=after_signal, daemon=True, name="askap-interrupt")
-        _cancel_thread.append(thread)
-        thread.start()
         _quiet_console_for_good()
         _say[0](f"received {signal.Signals(signum).name}: stopping this run, no new sub-flow "
                 "starts (again to stop at once)")
+        thread = threading.Thread(target=after_signal, daemon=True, name="askap-interrupt")
+        _cancel_thread.append(thread)
+        thread.start()
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
