@@ -188,8 +188,11 @@ def _quiet_console_for_good() -> None:
     file only, the terminal keeps the run's own few lines."""
     import logging
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+    try:  # in a signal handler: another thread may be adding a logger right now
+        known = list(logging.root.manager.loggerDict.values())
+    except RuntimeError:
+        known = []
+    loggers = [logging.getLogger()] + [lg for lg in known if isinstance(lg, logging.Logger)]
     for lg in loggers:
         for h in lg.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
