@@ -155,7 +155,10 @@ def cmd_server(args) -> int:
     from . import database
     from .server import PrefectServer, ServerError
 
-    home = Path(args.home or os.environ.get("PREFECT_HOME") or mpi.askap_home() / "prefect")
+    from . import compat
+
+    home = Path(args.home or os.environ.get("PREFECT_HOME")
+                or mpi.askap_home() / f"prefect{compat.PREFECT_MAJOR}")
     try:
         host = database.interface_address(args.interface) if args.interface else args.host
         url = server_database_url(args, home)
@@ -235,7 +238,7 @@ def add_database_commands(sub) -> None:
     s.add_argument("--max-concurrent", type=int, default=4, metavar="K",
                    help="sub-flows the pipelines will run at once, for pool sizing (default: 4)")
     s.add_argument("--home", help="PREFECT_HOME of the server (default: $PREFECT_HOME, else "
-                                  "./.askap_flows/prefect)")
+                                  "./.askap_flows/prefect3, prefect2 under Prefect 2)")
     s.set_defaults(func=cmd_server)
 
 
