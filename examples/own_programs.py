@@ -5,7 +5,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from askap_flows import mpi_subflow, run_subflows
+from askap_flows import mpi_subflow, prefect_server, run_subflows
 from askap_flows.mpi import build_hello
 
 HERE = Path(__file__).resolve().parent
@@ -33,4 +33,5 @@ def own_programs(backend: str = "local", profile: str | None = None) -> bool:
 
 
 if __name__ == "__main__":  # python examples/own_programs.py [slurm PROFILE]
-    sys.exit(0 if own_programs(*sys.argv[1:3]) else 1)
+    with prefect_server(max_concurrent=3):  # PREFECT_API_URL's server, else one for this run
+        sys.exit(0 if own_programs(*sys.argv[1:3]) else 1)

@@ -4,7 +4,7 @@ from functools import partial
 
 from prefect import flow
 
-from askap_flows import array_subflow, mpi_subflow, run_subflows
+from askap_flows import array_subflow, mpi_subflow, prefect_server, run_subflows
 
 
 @flow(name="example-pipeline")
@@ -21,4 +21,5 @@ def pipeline(backend: str = "local", profile: str | None = None) -> bool:
 
 
 if __name__ == "__main__":  # python examples/pipeline.py [slurm PROFILE]
-    sys.exit(0 if pipeline(*sys.argv[1:3]) else 1)
+    with prefect_server(max_concurrent=2):  # PREFECT_API_URL's server, else one for this run
+        sys.exit(0 if pipeline(*sys.argv[1:3]) else 1)

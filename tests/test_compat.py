@@ -16,9 +16,11 @@ def test_prefects_migrations_are_where_the_version_check_reads_them(dialect):
 
 
 def test_an_empty_migrations_folder_fails_loudly(monkeypatch, tmp_path):
-    import prefect
+    import importlib.util
+    from types import SimpleNamespace
 
-    monkeypatch.setattr(prefect, "__file__", str(tmp_path / "prefect" / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(origin=str(tmp_path / "prefect" / "x.py")))
     with pytest.raises(RuntimeError, match="found no sqlite migrations"):
         compat.known_migrations("sqlite")
 

@@ -74,3 +74,24 @@ def queue(prefix: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%j %i %T %r"], capture_output=True,
                          text=True).stdout
     return [line for line in out.splitlines() if line.startswith(prefix)]
+
+
+def test_a_job_that_fails_before_the_first_poll_ends_its_subflow_with_its_state(
+        tmp_path, hello_program, no_jobs_left):
+    """The job script exits at once (a prologue that fails), long before any worker connects:
+    the sub-flow fails with the job's real end state, not with "no job appeared" after 60 s."""
+    from askap_flows.flows import mpi_subflow
+    from askap_flows.slurm import JobLost
+
+    prefix = f"fearly{uuid.uuid4().hex[:6]}"
+    p = tmp_path / "early.yaml"
+    p.write_text(f"allocation:\n  job_name_prefix: {prefix}\n  nodes: 1\n  ntasks_per_node: 1\n"
+                 "  partition: debug\n  interface: lo\n  scheduler_interface: lo\n"
+                 "  prologue: ['exit 3']\nmpi:\n  nodes: 1\n  ntasks: 1\n")
+    started = time.monotonic()
+    with pytest.raises(JobLost) as lost:
+        mpi_subflow(backend="slurm", profile=str(p), program=hello_program, name="fails-early")
+    assert time.monotonic() - started < 45, "the end was not seen: the watch waited it out"
+    assert lost.value.state == "FAILED", str(lost.value)
+    assert f"SLURM job {lost.value.job_id} ({prefix}-" in str(lost.value)
+    assert "ended (FAILED" in str(lost.value) and not lost.value.retryable

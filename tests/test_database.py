@@ -177,9 +177,10 @@ def test_sqlite_refuses_high_concurrency(tmp_path):
     with pytest.raises(DatabaseError) as err:
         database.preflight(database.SQLITE_MAX_CONCURRENT + 1, env=env)
     msg = str(err.value)
-    for part in ("refusing to run 5 concurrent sub-flows against sqlite", "503",
-                 "scripts/postgres_database.sh start", "--max-concurrent 4",
-                 "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT=5"):
+    assert database.SQLITE_MAX_CONCURRENT == 8  # measured: docs/database.md
+    for part in ("refusing to run 9 concurrent sub-flows against sqlite", "503",
+                 "scripts/postgres_database.sh start", "--max-concurrent 8",
+                 "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT=9", "lost a run at 32"):
         assert part in msg, msg
     database.preflight(40, env={**env, database.SQLITE_LIMIT_ENV: "40"})  # explicit override
     with pytest.raises(DatabaseError, match="not a whole number"):
@@ -304,6 +305,26 @@ def test_cli_db_check_refuses_sqlite_and_names_the_fix(tmp_path):
 
 
 @pytest.mark.unit
+def test_cli_server_keeps_database_passwords_off_command_lines(tmp_path):
+    """A password given with --database-url is in ps for every user of a login node: refused,
+    with the fix; a URL file readable by others is refused too. Nothing prints the password."""
+    url = "postgresql+asyncpg://prefect:S3cretPW@127.0.0.1:1/prefect"
+    r = cli("server", "--database-url", url, "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and "--database-url-file FILE" in r.stderr, r.stderr
+    assert " ps" in r.stderr and "S3cretPW" not in r.stdout + r.stderr
+    url_file = tmp_path / "db-url"
+    url_file.write_text(url)
+    url_file.chmod(0o644)
+    r = cli("server", "--database-url-file", str(url_file), "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and f"chmod 600 {url_file}" in r.stderr, r.stderr
+    assert "S3cretPW" not in r.stdout + r.stderr
+    url_file.chmod(0o600)  # accepted: the next complaint is the unreachable database, redacted
+    r = cli("server", "--database-url-file", str(url_file), "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and "connection refused" in r.stderr, r.stderr
+    assert "S3cretPW" not in r.stdout + r.stderr
+
+
+@pytest.mark.unit
 def test_cli_server_with_a_taken_port(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -317,12 +338,12 @@ def test_cli_server_with_a_taken_port(tmp_path):
 
 @pytest.mark.unit
 def test_main_job_refuses_sqlite_before_anything_starts(tmp_path):
-    r = run_main("--subflows", "8", "--max-concurrent", "8", "--program", "/bin/true",
+    r = run_main("--subflows", "9", "--max-concurrent", "9", "--program", "/bin/true",
                  env=clean_env(PREFECT_API_URL="", PREFECT_HOME=str(tmp_path / "prefect"),
                                ASKAP_FLOWS_HOME=str(tmp_path / "home")), timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "refusing to run 8 concurrent sub-flows against sqlite" in r.stderr
-    assert "Prefect UI" not in r.stderr and "running 8 sub-flow" not in r.stderr
+    assert "refusing to run 9 concurrent sub-flows against sqlite" in r.stderr
+    assert "Prefect UI" not in r.stderr and "running 9 sub-flow" not in r.stderr
     assert not (tmp_path / "prefect" / "prefect.db").exists()
 
 
@@ -413,13 +434,19 @@ def test_cli_server_runs_in_the_foreground(postgres, tmp_path):
     db = f"cli{compat.PREFECT_MAJOR}"
     postgres.start(db)
     port = free_port("127.0.0.1")
+    url_file = tmp_path / "db-url"
+    url_file.write_text(postgres.url(db))
+    url_file.chmod(0o600)
+    password = (postgres.dir / "password").read_text().strip()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "askap_flows.cli", "server", "--database-url", postgres.url(db),
+        [sys.executable, "-m", "askap_flows.cli", "server", "--database-url-file", str(url_file),
          "--host", "127.0.0.1", "--port", str(port), "--max-concurrent", "12", "--home",
          str(tmp_path / "home")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert password not in ps  # the server's command lines never show it
         assert lines == [f"Prefect UI: http://127.0.0.1:{port}/\n",
                          f"export PREFECT_API_URL=http://127.0.0.1:{port}/api\n"], proc.stderr.read()
         database.check_server(f"http://127.0.0.1:{port}/api")  # its database answers too
@@ -434,6 +461,7 @@ def test_cli_server_runs_in_the_foreground(postgres, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    assert password not in "".join(lines) + out + err
     assert "server stopped" in err and "reachable from this node only" in err
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone

@@ -52,7 +52,9 @@ def test_main_job_with_defaults_needs_no_slurm(tmp_path):
     assert "Prefect UI for this run: http://127.0.0.1:" in r.stderr
     assert not (tmp_path / "slurm-called").exists()
     assert (tmp_path / ".askap_flows" / "bin" / "mpi_hello_world").exists()  # project-local
-    assert (tmp_path / ".askap_flows" / "prefect").is_dir()
+    from askap_flows import compat
+
+    assert (tmp_path / ".askap_flows" / f"prefect{compat.PREFECT_MAJOR}").is_dir()  # one per major
 
 
 def test_main_job_json_output(tmp_path):

@@ -7,11 +7,15 @@ from .errors import AskapFlowsError
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
 __all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
-           "mpi_subflow", "array_subflow", "run_subflows"]
+           "mpi_subflow", "array_subflow", "run_subflows", "prefect_server"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name == "prefect_server":
+        from .server import prefect_server
+
+        return prefect_server
     if name in ("mpi_subflow", "array_subflow", "run_subflows"):
         from . import flows
 

@@ -146,6 +146,30 @@ def cmd_db_check(args) -> int:
     return 0
 
 
+def server_database_url(args, home: Path) -> str:
+    """The server's database URL: --database-url-file, a password-less --database-url, or the
+    environment. A password on the command line is refused: every user of the node sees it in ps."""
+    from . import database
+
+    if args.database_url_file:
+        return database.url_from_file(args.database_url_file)
+    if args.database_url:
+        if database.parse_url(args.database_url).password:
+            raise database.DatabaseError(
+                f"--database-url {database.redact(args.database_url)} holds a password, which "
+                "every user of this node can read in ps. Fix: put the URL in a file only you can "
+                "read (chmod 600 FILE) and give --database-url-file FILE, or export "
+                f"{compat_url_var()}=URL before starting the server.")
+        return args.database_url
+    return database.configured_url({**os.environ, "PREFECT_HOME": str(home)})[0]
+
+
+def compat_url_var() -> str:
+    from . import compat
+
+    return compat.DATABASE_URL_VARS[0]
+
+
 def cmd_server(args) -> int:
     import signal
     import socket
@@ -154,11 +178,13 @@ def cmd_server(args) -> int:
     from . import database
     from .server import PrefectServer, ServerError
 
-    home = Path(args.home or os.environ.get("PREFECT_HOME") or mpi.askap_home() / "prefect")
+    from . import compat
+
+    home = Path(args.home or os.environ.get("PREFECT_HOME")
+                or mpi.askap_home() / f"prefect{compat.PREFECT_MAJOR}")
     try:
         host = database.interface_address(args.interface) if args.interface else args.host
-        url = args.database_url or database.configured_url({**os.environ,
-                                                            "PREFECT_HOME": str(home)})[0]
+        url = server_database_url(args, home)
         plan = database.preflight(args.max_concurrent, database_url=url)
         with socket.socket() as probe:
             try:
@@ -223,7 +249,11 @@ def add_database_commands(sub) -> None:
     c.set_defaults(func=cmd_db_check)
     s = sub.add_parser("server", help="run a Prefect server (UI and API) in the foreground against "
                                       "the chosen database, with pools sized for --max-concurrent")
-    s.add_argument("--database-url", help="default: the configured one (askap-flows db url)")
+    s.add_argument("--database-url", help="a URL without a password (one with a password is "
+                                           "refused: ps shows it); default: the configured one "
+                                           "(askap-flows db url)")
+    s.add_argument("--database-url-file", metavar="FILE",
+                   help="read the database URL from FILE (mode 0600: readable by you only)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on and to print (default: 127.0.0.1, this node only)")
     s.add_argument("--interface", metavar="IF", help="listen on IF's IPv4 address (e.g. ib0)")
@@ -231,7 +261,7 @@ def add_database_commands(sub) -> None:
     s.add_argument("--max-concurrent", type=int, default=4, metavar="K",
                    help="sub-flows the pipelines will run at once, for pool sizing (default: 4)")
     s.add_argument("--home", help="PREFECT_HOME of the server (default: $PREFECT_HOME, else "
-                                  "./.askap_flows/prefect)")
+                                  "./.askap_flows/prefect3, prefect2 under Prefect 2)")
     s.set_defaults(func=cmd_server)
 
 

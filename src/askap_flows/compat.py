@@ -86,10 +86,13 @@ def known_migrations(dialect: str) -> set[str]:
     A database whose revision is not among them was migrated by another Prefect version (2.20
     cannot start on a database that 3.x has migrated).
     """
-    import prefect
+    import importlib.util
 
+    # located, not imported: importing Prefect before PREFECT_API_URL is set made Prefect 3 start
+    # a temporary server of its own next to the run's
     sub = "migrations" if PREFECT_MAJOR < 3 else "_migrations"
-    folder = Path(prefect.__file__).parent / "server" / "database" / sub / "versions" / dialect
+    package = Path(importlib.util.find_spec("prefect").origin).parent
+    folder = package / "server" / "database" / sub / "versions" / dialect
     found = set()
     for path in folder.glob("*.py"):
         m = re.search(r'^revision\s*=\s*["\']([0-9a-f]+)["\']', path.read_text(), re.M)

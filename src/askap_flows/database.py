@@ -32,9 +32,11 @@ from .errors import AskapFlowsError
 from .spec import whole_number  # the one "a count must be >= 1" check (a SpecError)
 
 PG_SCRIPT = "scripts/postgres_database.sh"
-#: more concurrent sub-flows than this on sqlite are refused (Prefect 3.9.1's server on sqlite
-#: answered 503 "database is locked" from 4 concurrent sub-flows and lost runs from 60)
-SQLITE_MAX_CONCURRENT = 4
+#: more concurrent sub-flows than this on sqlite are refused. Measured (docs/database.md, a separate
+#: server on sqlite, 3K local sub-flows at K at once): every run completed up to K=16 on both majors,
+#: Prefect 3.9.1 lost 1 of 96 at K=32 (its clients retried 503 "database is locked" from K=2 on).
+#: Half the largest K measured without a loss.
+SQLITE_MAX_CONCURRENT = 8
 SQLITE_LIMIT_ENV = "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT"
 POSTGRES_SCHEME = "postgresql+asyncpg"
 SQLITE_SCHEME = "sqlite+aiosqlite"
@@ -133,6 +135,23 @@ def parse_url(url: str) -> DatabaseURL:
         password=unquote(parts.password) if parts.password is not None else None,
         database=unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or None),
     )
+
+
+def url_from_file(path: str | os.PathLike) -> str:
+    """A database URL kept in a file that only its owner can read (mode 0600 or stricter)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise DatabaseError(f"cannot read the database URL file {path}: {exc.strerror}.") from None
+    if mode & 0o077:
+        raise DatabaseError(f"{path} (mode {mode:04o}) can be read by other users, and it holds a "
+                            f"database password. Fix: chmod 600 {path}")
+    if not text:
+        raise DatabaseError(f"the database URL file {path} is empty.")
+    parse_url(text)
+    return text
 
 
 def configured_url(env: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -380,8 +399,8 @@ def check_sqlite_concurrency(db: DatabaseURL, max_concurrent: int, limit: int) -
         raise DatabaseError(
             f"refusing to run {max_concurrent} concurrent sub-flows against sqlite "
             f"({db.database}). Prefect's server on sqlite has one writer at a time: measured "
-            "with Prefect 3.9.1, it answered '503 Service Unavailable' (database is locked) from "
-            "4 concurrent sub-flows and lost runs from 60. "
+            "with Prefect 3.9.1, it answered '503 Service Unavailable' (database is locked, "
+            "retried by the client) from 2 concurrent sub-flows on, and lost a run at 32. "
             f"At most {limit} run against sqlite. Fix: use PostgreSQL:\n"
             f"  {PG_SCRIPT} start --dir DIR --interface IF      # prints the URL\n"
             f"  eval \"$({PG_SCRIPT} url --dir DIR)\"\n"
@@ -400,8 +419,9 @@ def check_server(api_url: str, timeout: float = 15.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise DatabaseError(
             f"no Prefect server answers at PREFECT_API_URL={api_url} ({reason}). Fix: start one "
-            "(askap-flows server --database-url URL --host ADDRESS) and export the "
-            "PREFECT_API_URL it prints, or unset PREFECT_API_URL to let the run start its own."
+            "(askap-flows server --database-url-file FILE --host ADDRESS, FILE holding the "
+            "database URL, mode 0600) and export the PREFECT_API_URL it prints, or unset "
+            "PREFECT_API_URL to let the run start its own."
         ) from None
     try:
         with urllib.request.urlopen(f"{base}/ready", timeout=timeout) as r:

@@ -379,7 +379,7 @@ def run_subflows(
 
     if not calls:
         return []
-    runners.shutting_down.clear()  # a new composition: an earlier interrupt is over
+    runners.begin_composition()  # an earlier composition's interrupt is over, not a new one
     pool = ThreadPoolExecutor(max_workers=min(max_concurrent, len(calls)),
                               thread_name_prefix="askap-subflow")
     futures = [pool.submit(one, i, c, contextvars.copy_context()) for i, c in enumerate(calls)]
@@ -391,5 +391,7 @@ def run_subflows(
         # engine, so joining them would deadlock; with their jobs cancelled they end by themselves
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    finally:
+        runners.end_composition()
     pool.shutdown(wait=True)
     return results

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import database, mpi, slurm
 from .progress import Progress
+from . import server as server_mod
 from .server import PrefectServer, ServerError
 from .spec import BACKENDS, SpecError, check_fits, resolve_specs
 
@@ -28,41 +29,70 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
 _interrupted = threading.Event()
+_cancels_done = threading.Event()  # the first signal's cancels have been made
+_cancel_thread: list[threading.Thread] = []  # the first signal's, once started
 _own_server: PrefectServer | None = None  # the server this run started, stopped on every exit
+_say = [lambda msg: print(msg, file=sys.stderr, flush=True)]  # where signal messages go
 GIVE_UP_AFTER = 30.0  # seconds after a signal before the main job stops waiting for Prefect
 
 
+def _cancel_everything() -> list[str]:
+    """Cancel the run's SLURM jobs and kill its MPI steps (nothing to do before any sub-flow
+    module was imported: importing Prefect here, in a signal's thread, is avoided)."""
+    runners = sys.modules.get("askap_flows.runners")
+    return runners.cancel_everything() if runners is not None else []
+
+
 def _exit_now() -> None:
-    """End the process at once, but never leave the run's own Prefect server behind."""
-    if _own_server is not None:
-        _own_server.stop()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
+    """End the process at once, but leave no SLURM job (one more cancel round: a job submitted
+    since the first) and never the run's own Prefect server behind."""
+    try:
+        _cancel_everything()
+    finally:
+        if _own_server is not None:
+            _own_server.stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
-def install_signal_handlers(say) -> None:
+def install_signal_handlers() -> None:
     """Ctrl-C / SIGTERM: cancel every SLURM job of the run, kill its MPI steps and let the
     sub-flows fail; the pipeline then ends with a summary and exit code 130. Nothing is raised
     into Prefect's machinery (Prefect 2 was seen to hang in its teardown after an interrupt).
-    A second signal, or a pipeline still running GIVE_UP_AFTER s later, ends the process at once
-    (after stopping the run's own Prefect server)."""
+    A second signal (once the first one's cancels are made), or a pipeline still running
+    GIVE_UP_AFTER s later, ends the process at once (after stopping the run's own Prefect server).
+    Installed before anything starts: a signal during start-up is honoured, not forgotten."""
 
     def after_signal() -> None:
-        from .runners import cancel_everything
-
-        cancelled = cancel_everything()
-        say(f"cancelled {len(cancelled)} SLURM job(s) and killed the running MPI steps")
-        time.sleep(GIVE_UP_AFTER)
-        say(f"the pipeline did not stop within {GIVE_UP_AFTER:g} s of the signal: exiting now")
+        try:
+            cancelled = _cancel_everything()
+        finally:
+            _cancels_done.set()
+        _say[0](f"cancelled {len(cancelled)} SLURM job(s) and killed the running MPI steps; "
+                f"details in {_log_path()}")
+        deadline = time.monotonic() + GIVE_UP_AFTER
+        while time.monotonic() < deadline:  # a step or job that was starting at the signal
+            time.sleep(1.0)
+            _cancel_everything()
+        _say[0](f"the pipeline did not stop within {GIVE_UP_AFTER:g} s of the signal: exiting now")
         _exit_now()
 
     def interrupt(signum, frame) -> None:
         if _interrupted.is_set():
-            _exit_now()
+            if _cancel_thread:  # never exit in the middle of the first signal's cancels
+                _cancels_done.wait(GIVE_UP_AFTER)
+            _exit_now()  # cancels (again) itself
         _interrupted.set()
-        say(f"received {signal.Signals(signum).name}: stopping this run (again to stop at once)")
-        threading.Thread(target=after_signal, daemon=True, name="askap-interrupt").start()
+        runners = sys.modules.get("askap_flows.runners")
+        if runners is not None:
+            runners.shutting_down.set()  # no new sub-flow starts from now on
+        _quiet_console_for_good()
+        _say[0](f"received {signal.Signals(signum).name}: stopping this run, no new sub-flow "
+                "starts (again to stop at once)")
+        thread = threading.Thread(target=after_signal, daemon=True, name="askap-interrupt")
+        _cancel_thread.append(thread)
+        thread.start()
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
@@ -124,15 +154,49 @@ def cli_specs(args):
 
 
 def prepare_environment() -> Path:
-    home = mpi.askap_home()
-    for name, value in ((mpi.HOME_ENV, str(home)), ("PREFECT_HOME", str(home / "prefect")),
-                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                        # ride out a database restart: the server answers 500 while it is away
-                        # (the client already retries 429/502/503 and lost connections)
-                        ("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500")):
-        if not os.environ.get(name):  # unset or empty
-            os.environ[name] = value
-    return home
+    return server_mod.prepare_environment()
+
+
+_log_file: list[Path] = []
+
+
+def _log_path() -> Path:
+    """This run's log file: Prefect's and Dask's lines, tracebacks included."""
+    if not _log_file:
+        _log_file.append(mpi.askap_home() / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+                                                    f"-{os.getpid()}.log")
+    return _log_file[0]
+
+
+def log_to_file() -> Path:
+    """Every log line of the run (tracebacks included) also goes to the run's log file."""
+    import logging
+
+    path = _log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("", "prefect", "distributed", "dask_jobqueue", "askap_flows"):
+        logger = logging.getLogger(name)
+        if not name or not logger.propagate:  # else its lines reach the root's handler anyway
+            logger.addHandler(handler)
+    return path
+
+
+def _quiet_console_for_good() -> None:
+    """After an interrupt, the sub-flows' failures are expected: their tracebacks go to the log
+    file only, the terminal keeps the run's own few lines."""
+    import logging
+
+    try:  # in a signal handler: another thread may be adding a logger right now
+        known = list(logging.root.manager.loggerDict.values())
+    except RuntimeError:
+        known = []
+    loggers = [logging.getLogger()] + [lg for lg in known if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.CRITICAL + 1)
 
 
 def quiet_prefect_console(verbose: bool) -> None:
@@ -166,6 +230,7 @@ def summary_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    install_signal_handlers()
     try:
         if args.subflows < 1:
             raise SpecError(f"--subflows must be >= 1, got {args.subflows}.")
@@ -178,46 +243,32 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check", home / "logs")
             slurm.test_submit(slurm.render_job_script(kwargs))
         program, _ = mpi.resolve_program(spec, args.program)
-        db = database.preflight(args.max_concurrent, api_url=os.environ.get("PREFECT_API_URL"))
-    except (SpecError, FileNotFoundError, PermissionError, mpi.MPIError, slurm.SlurmError) as exc:
-        say(f"error: {exc}")
-        return EXIT_USAGE
-    except Exception as exc:  # e.g. the compiler failed: say it, no traceback wall
+    except Exception as exc:  # bad input, a missing piece, the compiler failed: no traceback wall
         say(f"error: {exc}")
         return EXIT_USAGE
 
-    global _own_server
+    def remember(server: PrefectServer | None) -> None:
+        global _own_server
+        _own_server = server
+
     quiet_prefect_console(args.verbose)
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        say(f"starting a Prefect server for this run ({db.describe()}) ...")
-        try:
-            server = _own_server = PrefectServer(Path(os.environ["PREFECT_HOME"]), db.url,
-                                                 settings=db.server_env)
-            server.start()
-        except ServerError as exc:
-            say(f"error: {exc}")
-            return EXIT_USAGE
-        os.environ["PREFECT_API_URL"] = server.api_url
-        say(f"Prefect UI for this run: {server.ui_url}  (stops when the run ends; set "
-            "PREFECT_API_URL to use your own server)")
+    # The server first, Prefect after: Prefect 3 imported without PREFECT_API_URL starts a
+    # temporary server of its own, and the flow runs went there instead.
+    entered = False
     try:
-        return _run(args, alloc, spec, program, say)
+        with server_mod.prefect_server(args.max_concurrent, say=say, on_start=remember):
+            entered = True
+            if _interrupted.is_set():
+                say("interrupted before any sub-flow started")
+                return EXIT_INTERRUPTED
+            return _run(args, alloc, spec, program, say)
+    except (database.DatabaseError, ServerError) as exc:
+        if entered:
+            raise
+        say(f"error: {exc}")
+        return EXIT_INTERRUPTED if _interrupted.is_set() else EXIT_USAGE
     finally:
-        _flush_prefect_logs()
-        if server is not None:
-            server.stop()
-            _own_server = None
-
-
-def _flush_prefect_logs() -> None:
-    """Send the queued log lines to the API while it is still up (else they retry for a minute)."""
-    try:
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=10)
-    except Exception:  # noqa: BLE001 - logging must not turn a finished run into a failure
-        pass
+        remember(None)
 
 
 def _run(args, alloc, spec, program, say) -> int:
@@ -227,13 +278,15 @@ def _run(args, alloc, spec, program, say) -> int:
 
     from .flows import mpi_subflow, run_subflows
 
+    install_signal_handlers()  # again: importing dask_jobqueue installed its own
     names = [f"mpi-{i}" for i in range(args.subflows)]
     started = time.monotonic()
     from .runners import running_job_ids
 
     job_ids = running_job_ids if args.backend == "slurm" else None
     progress = Progress(len(names), sys.stderr, job_ids=job_ids)
-    install_signal_handlers(progress.say)
+    _say[0] = progress.say
+    log_to_file()
 
     def on_done(outcome) -> None:
         name = names[outcome.index]
@@ -247,6 +300,8 @@ def _run(args, alloc, spec, program, say) -> int:
 
     def tracked(i: int, call):
         def run():
+            if _interrupted.is_set():  # a signal during start-up is not forgotten
+                raise RuntimeError("not started: the run was interrupted")
             progress.started(i, names[i])
             return call()
         return run
@@ -267,10 +322,8 @@ def _run(args, alloc, spec, program, say) -> int:
         if not (_interrupted.is_set() or isinstance(exc, (KeyboardInterrupt, SystemExit))
                 or type(exc).__name__ == "TerminationSignal"):
             raise
-        from .runners import cancel_everything
-
-        cancel_everything()
-        say("interrupted: no SLURM job of this run is left")
+        _cancel_everything()
+        say(f"interrupted: no SLURM job of this run is left (log: {_log_path()})")
         return EXIT_INTERRUPTED
     rows = []
     for o in outcomes:
@@ -291,7 +344,8 @@ def _run(args, alloc, spec, program, say) -> int:
         print(summary_table(rows))
         print(f"{len(rows) - failed} completed, {failed} failed in {wall:.1f} s")
     if _interrupted.is_set():
-        say("interrupted: no SLURM job of this run is left")
+        _cancel_everything()
+        say(f"interrupted: no SLURM job of this run is left (log: {_log_path()})")
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else 0
 

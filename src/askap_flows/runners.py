@@ -8,6 +8,7 @@ and closes it when the flow run ends.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,6 +85,20 @@ class RunCluster:
 
 
 shutting_down = threading.Event()
+_shutdown_at = float("inf")  # when shutting_down was last set by cancel_everything
+_composition_ended_at = float("-inf")  # when the last run_subflows of this process ended
+
+
+def begin_composition() -> None:
+    """A new run_subflows: forget an interrupt that an earlier, finished composition has seen,
+    but keep one that came since (e.g. Ctrl-C while the parent flow run was being created)."""
+    if shutting_down.is_set() and _shutdown_at < _composition_ended_at:
+        shutting_down.clear()
+
+
+def end_composition() -> None:
+    global _composition_ended_at
+    _composition_ended_at = time.monotonic()
 
 
 @contextmanager
@@ -134,6 +149,9 @@ def running_job_ids() -> list[str]:
 
 def cancel_everything() -> list[str]:
     """Shutdown (Ctrl-C, SIGTERM): stop new work, cancel every job, kill every launched command."""
+    global _shutdown_at
+    if not shutting_down.is_set():
+        _shutdown_at = time.monotonic()
     shutting_down.set()
     names = sorted(active_job_names())
     for name in names:

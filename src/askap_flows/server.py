@@ -2,21 +2,29 @@
 
 Dask workers in other processes (every SLURM worker) report their task runs to the Prefect API, so
 a pipeline needs a real server whose URL is in ``PREFECT_API_URL``. When the user has none, the
-main job starts one for the length of the run (and prints the UI's address).
+main job starts one for the length of the run (and prints the UI's address); a pipeline script
+gets the same with ``with askap_flows.prefect_server(): ...``.
+
+Servers started from one ``PREFECT_HOME`` start one at a time (an flock held until the server
+answers): two runs started at once in one directory both ran Prefect's migrations on the same
+sqlite file, and one server died with an alembic error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
-from . import compat, shell
+from . import compat, database, shell
 from .errors import AskapFlowsError
 from .database import sqlite_url  # noqa: F401 - also re-exported here
 
@@ -68,6 +76,10 @@ class PrefectServer:
     def start(self) -> "PrefectServer":
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with start_lock(self.home):  # one server at a time migrates this home's database
+            return self._start()
+
+    def _start(self) -> "PrefectServer":
         for attempt in range(3):
             port = self.port if self._fixed_port else free_port(self.host)
             env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -115,3 +127,105 @@ class PrefectServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def start_lock(home: Path) -> Iterator[None]:
+    """Held while a server starts from ``home`` (and runs its database migrations)."""
+    with open(Path(home) / ".server-start.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise ServerError(f"cannot lock {fh.name} ({exc.strerror}): this filesystem has no "
+                              "flock. Fix: set PREFECT_HOME to a local directory.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_environment() -> Path:
+    """The main job's defaults: ASKAP_FLOWS_HOME (./.askap_flows), and PREFECT_HOME under it, one
+    per Prefect major (prefect2/, prefect3/: the two cannot share a database)."""
+    from .mpi import HOME_ENV, askap_home
+
+    home = askap_home()
+    for name, value in ((HOME_ENV, str(home)),
+                        ("PREFECT_HOME", str(home / f"prefect{compat.PREFECT_MAJOR}")),
+                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                        # ride out a database restart: the server answers 500 while it is away
+                        # (the client already retries 429/502/503 and lost connections)
+                        ("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500")):
+        if not os.environ.get(name):  # unset or empty
+            os.environ[name] = value
+    return home
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _client_settings(api_url: str) -> Iterator[None]:
+    """PREFECT_API_URL for this process's Prefect client. Prefect reads its settings when it is
+    first imported: a process that imported it before (a pipeline script's ``from prefect import
+    flow``) also needs them in Prefect's settings context (its public ``temporary_settings``)."""
+    os.environ["PREFECT_API_URL"] = api_url
+    if "prefect" not in sys.modules:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
+@contextlib.contextmanager
+def prefect_server(max_concurrent: int = 2, *, say: Callable[[str], None] = _stderr,
+                   on_start: Callable[["PrefectServer"], None] | None = None) -> Iterator[str]:
+    """The Prefect server of a pipeline, as the main job gets it; yields its API URL.
+
+    With ``PREFECT_API_URL`` set, that server (and its database) must answer. Without it, a server
+    on the configured database (sqlite under ``./.askap_flows/prefect<major>`` by default) is
+    started for the length of the block, announced with its UI address, and stopped on exit.
+    Use it before the first sub-flow runs, so that every process of the pipeline (SLURM jobs too)
+    reports to this one server rather than to a temporary one of its own::
+
+        with askap_flows.prefect_server(max_concurrent=2):
+            pipeline()
+
+    Raises database.DatabaseError or ServerError with the cause and the fix.
+    """
+    prepare_environment()
+    given = os.environ.get("PREFECT_API_URL")
+    plan = database.preflight(max_concurrent, api_url=given, say=say)
+    if given:
+        with _client_settings(given):
+            yield given
+        return
+    say(f"starting a Prefect server for this run ({plan.describe()}) ...")
+    server = PrefectServer(Path(os.environ["PREFECT_HOME"]), plan.url, settings=plan.server_env)
+    if on_start is not None:
+        on_start(server)
+    server.start()
+    say(f"Prefect UI for this run: {server.ui_url}  (stops when the run ends; set "
+        "PREFECT_API_URL to use your own server)")
+    try:
+        with _client_settings(server.api_url):
+            yield server.api_url
+    finally:
+        _flush_prefect_logs()
+        server.stop()
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _flush_prefect_logs() -> None:
+    """Send the queued log lines to the API while it is still up (else they retry for a minute)."""
+    if "prefect" not in sys.modules:
+        return
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - logging must not turn a finished run into a failure
+        pass
