@@ -48,7 +48,7 @@ _pg_dir = None
 
 def _start_session_postgres() -> str | None:
     """A real PostgreSQL (scripts/postgres_database.sh) behind the session's Prefect server:
-    Prefect 3's server on sqlite answers 503 from 4 concurrent sub-flows on. None: use sqlite."""
+    Prefect 3's server on sqlite answers 503 under concurrent sub-flows. None: use sqlite."""
     global _pg_dir
     script = ROOT / "scripts" / "postgres_database.sh"
     if shutil.which("pg_ctl") is None and not list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")):
