@@ -93,6 +93,14 @@ if ! compgen -G "$WHEELHOUSE/hatchling-*.whl" >/dev/null; then
 fi
 export ASKAP_TEST_WHEELHOUSE=$WHEELHOUSE
 
+# the test bed is shared by everything on this machine that submits jobs or stops nodes: hold its
+# lock for the whole run (others take it with `flock /tmp/askap_testbed.lock CMD`)
+exec 9>"${ASKAP_TESTBED_LOCK:-/tmp/askap_testbed.lock}"
+if ! flock -n 9; then
+  log "waiting for the test bed lock (${ASKAP_TESTBED_LOCK:-/tmp/askap_testbed.lock}) ..."
+  flock 9
+fi
+
 rc=0
 summary=()
 for major in $MAJORS; do
