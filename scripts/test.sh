@@ -93,6 +93,8 @@ if ! compgen -G "$WHEELHOUSE/hatchling-*.whl" >/dev/null; then
 fi
 export ASKAP_TEST_WHEELHOUSE=$WHEELHOUSE
 
+for major in $MAJORS; do setup_venv "$major"; done
+
 # the test bed is shared by everything on this machine that submits jobs or stops nodes: hold its
 # lock for the whole run (others take it with `flock /tmp/askap_testbed.lock CMD`)
 exec 9>"${ASKAP_TESTBED_LOCK:-/tmp/askap_testbed.lock}"
@@ -104,7 +106,6 @@ fi
 rc=0
 summary=()
 for major in $MAJORS; do
-  setup_venv "$major"
   log "pytest under Prefect $major"
   set +e
   ASKAP_TEST_OUTPUT="$OUT/prefect$major" "$VENVS/prefect$major/bin/python" -m pytest \
