@@ -41,19 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# ---------------------------------------------------------------- 2. the SLURM test bed
-if [ "$(id -u)" = 0 ]; then
-  bash "$ROOT/scripts/slurm_testbed.sh" up
-  # shellcheck disable=SC1091
-  source "${ASKAP_TESTBED_DIR:-/tmp/askap_testbed}/env.sh"
-  if [ "${ASKAP_TEST_KEEP_TESTBED:-0}" != 1 ]; then
-    trap 'bash "$ROOT/scripts/slurm_testbed.sh" down >/dev/null 2>&1 || true' EXIT
-  fi
-else
-  log "not root: the SLURM test bed cannot be started; slurm tests will skip (fail with CI=true)"
-fi
-
-# ---------------------------------------------------------------- 3. one venv per Prefect major
+# ---------------------------------------------------------------- 2. one venv per Prefect major
 constraints_for() { if [ "$1" = 2 ]; then echo "$ROOT/package_list_prefect2.txt"; else echo "$ROOT/package_list.txt"; fi; }
 
 setup_venv() {  # setup_venv MAJOR -> venv with the pinned set and the project (editable)
@@ -101,6 +89,18 @@ exec 9>"${ASKAP_TESTBED_LOCK:-/tmp/askap_testbed.lock}"
 if ! flock -n 9; then
   log "waiting for the test bed lock (${ASKAP_TESTBED_LOCK:-/tmp/askap_testbed.lock}) ..."
   flock 9
+fi
+
+# ---------------------------------------------------------------- 3. the SLURM test bed, under its lock
+if [ "$(id -u)" = 0 ]; then
+  bash "$ROOT/scripts/slurm_testbed.sh" up
+  # shellcheck disable=SC1091
+  source "${ASKAP_TESTBED_DIR:-/tmp/askap_testbed}/env.sh"
+  if [ "${ASKAP_TEST_KEEP_TESTBED:-0}" != 1 ]; then
+    trap 'bash "$ROOT/scripts/slurm_testbed.sh" down >/dev/null 2>&1 || true' EXIT
+  fi
+else
+  log "not root: the SLURM test bed cannot be started; slurm tests will skip (fail with CI=true)"
 fi
 
 rc=0
