@@ -430,7 +430,6 @@ def job_states(prefix: str) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_sigkilled_pipeline_ends_running_jobs_and_cleanup_cancels_the_rest(tmp_path,
                                                                           hello_program):
     """No handler runs on SIGKILL, so nothing cancels the jobs. What the test bed shows

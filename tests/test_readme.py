@@ -153,7 +153,6 @@ def test_writing_subflows_example_runs(tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.mpi
 def test_writing_subflows_slurm_command_runs(tmp_path):
     """The guide's second command, as written, on the test bed: srun inside a SLURM job (the
     session's Prefect server is in PREFECT_API_URL, as the guide requires)."""
