@@ -72,6 +72,28 @@ def test_account_and_reservation():
 
 
 @pytest.mark.unit
+def test_a_failing_sinfo_dash_m_names_the_profiles_clusters_value():
+    """sinfo -M X failed: the row names X and why, not 'load the slurm module' (issue 19.3)."""
+    refused = done(stderr="sinfo: error: 'galaxy' can't be reached now, or it is an invalid "
+                   "entry for --cluster.", rc=1)
+    answers = done("debug\n")
+    no_db = done(stderr="You are not running a supported accounting_storage plugin", rc=1)
+    row = doctor.cluster_check("galaxy", refused, answers, no_db)
+    assert row.status == FAIL and row.detail.startswith("sinfo -M galaxy failed: cluster "
+                                                        "'galaxy' is not known to this SLURM")
+    assert "slurmdbd" in row.detail and "remove allocation: clusters:" in row.fix
+    row = doctor.cluster_check("galaxy,zeus", refused, answers, done("setonix\nzeus\n"))
+    assert "cluster 'galaxy' is not known" in row.detail and "setonix, zeus" in row.detail
+    assert "set allocation: clusters:" in row.fix
+    row = doctor.cluster_check("zeus", refused, answers, done("zeus\n"))
+    assert "'zeus' is known to this SLURM but does not answer" in row.detail
+    assert "can't be reached" in row.detail and "slurmctld" in row.fix
+    down = doctor.cluster_check("zeus", refused, done(stderr="Unable to contact slurm "
+                                                           "controller", rc=1), None)
+    assert "sinfo -M zeus failed, and sinfo exited 1" in down.detail and "SLURM_CONF" in down.fix
+
+
+@pytest.mark.unit
 def test_interfaces_pool_ports_and_table():
     here = {"lo": "127.0.0.1", "ib0": None}
     assert doctor.interface_check("scheduler", "lo", here, must_be_here=True).status == OK
@@ -167,6 +189,27 @@ def test_doctor_broken_profile_fails_with_fixes(tmp_path, hello_program):
     assert "'ib9' does not exist on this host" in r.stdout
     assert "4 check(s) failed" in r.stdout
     assert rows["account"] == SKIP and "no accounting database" in r.stdout  # no slurmdbd here
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slurm
+def test_doctor_names_a_clusters_value_the_test_bed_does_not_know(tmp_path):
+    """The pawsey_example case: `clusters:` names a cluster this SLURM cannot reach with -M."""
+    text = (ROOT / "src/askap_flows/profiles/testbed.yaml").read_text()
+    text = text.replace("  start_timeout: 120", "  start_timeout: 120\n  clusters: nosuchcluster")
+    assert "clusters: nosuchcluster" in text
+    profile = tmp_path / "clusters.yaml"
+    profile.write_text(text)
+    r = doctor_cli("--profile", str(profile))
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = statuses(r.stdout)
+    assert rows["SLURM reachable"] == FAIL, r.stdout
+    assert ("sinfo -M nosuchcluster failed: cluster 'nosuchcluster' is not known to this SLURM"
+            in r.stdout), r.stdout
+    assert "fix: remove allocation: clusters:" in r.stdout and "SLURM_CONF" not in r.stdout
+    for name in ("partition", "account", "reservation", "MPI plugin"):
+        assert rows[name] == SKIP
+    assert "SLURM does not answer for clusters: nosuchcluster" in r.stdout
     assert "Traceback" not in r.stderr
 
 

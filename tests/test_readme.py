@@ -38,14 +38,21 @@ RUN_HERE = [
 ]
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+#: docs/writing_subflows.md's commands: each is run here as written, from a directory that holds
+#: examples/ and a .venv/bin/python (this interpreter), like a checkout with the README's venv
+GUIDE = ROOT / "docs" / "writing_subflows.md"
+GUIDE_LOCAL = ".venv/bin/python examples/own_programs.py"
+GUIDE_SLURM = ".venv/bin/python examples/own_programs.py slurm testbed"
 
 
-def readme_commands() -> list[str]:
-    """Each command line of the README's bash blocks (comments and blank lines dropped)."""
+def blocks(language: str, path=README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def readme_commands(path=README) -> list[str]:
+    """Each command line of the file's bash blocks (comments and blank lines dropped)."""
     out = []
-    for block in blocks("bash"):
+    for block in blocks("bash", path):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if line and not line.startswith("#"):
@@ -98,21 +105,56 @@ def test_readme_commands_run(tmp_path):
             assert "no check failed" in r.stdout
 
 
-@pytest.mark.mpi
-def test_writing_subflows_example_runs(tmp_path):
-    """docs/writing_subflows.md shows examples/own_programs.py, which runs a C program, an mpi4py
-    program and a wrapped ("container") program, each as a 2-rank world."""
-    example = (ROOT / "examples" / "own_programs.py").read_text()
-    guide = (ROOT / "docs" / "writing_subflows.md").read_text()
-    assert f"```python\n{example}```" in guide, "the guide's example differs from the file"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "own_programs.py")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def run_as_written(command: str, where) -> subprocess.CompletedProcess:
+    """Run a guide's command line with bash, unchanged, in ``where``: a directory with the
+    checkout's examples/ and a .venv/bin/python that is this test's interpreter."""
+    (where / "examples").symlink_to(ROOT / "examples")
+    venv_python = where / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    venv_python.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=420,
+                          cwd=where, env=env)
+
+
+def own_programs_lines(r: subprocess.CompletedProcess, where) -> dict[str, str]:
+    """The example's three result lines, each a 2-rank world, launched as the guide says."""
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     lines = {line.split()[0]: line for line in r.stdout.splitlines() if re.match(r"^\d ok ", line)}
     assert sorted(lines) == ["0", "1", "2"], r.stdout[-2000:]
     for line in lines.values():
         assert " 0/2 1/2 | " in line  # one world of 2 ranks, not 2 singletons
-    assert str(tmp_path / "build" / "my_mpi_program") in lines["0"]
+    assert str(where / "build" / "my_mpi_program") in lines["0"]
     assert "-m askap_flows.mpi_hello" in lines["1"]
-    wrapped = f"{ROOT / 'examples' / 'container.sh'} {tmp_path / 'build' / 'my_mpi_program'}"
+    wrapped = f"{ROOT / 'examples' / 'container.sh'} {where / 'build' / 'my_mpi_program'}"
     assert wrapped in lines["2"]
+    return lines
+
+
+@pytest.mark.unit
+def test_writing_subflows_commands_are_the_ones_run_here():
+    """The guide's bash commands are exactly those the two tests below run as written (so a
+    `python ...` that needs an activated venv, or a new command, is caught)."""
+    assert readme_commands(GUIDE) == [GUIDE_LOCAL, GUIDE_SLURM], readme_commands(GUIDE)
+
+
+@pytest.mark.mpi
+def test_writing_subflows_example_runs(tmp_path):
+    """docs/writing_subflows.md shows examples/own_programs.py, which runs a C program, an mpi4py
+    program and a wrapped ("container") program, each as a 2-rank world; its first command runs
+    here as written (local backend: mpiexec)."""
+    example = (ROOT / "examples" / "own_programs.py").read_text()
+    assert f"```python\n{example}```" in GUIDE.read_text(), "the guide's example differs"
+    lines = own_programs_lines(run_as_written(GUIDE_LOCAL, tmp_path), tmp_path)
+    assert "mpiexec -n 2 " in lines["0"].split("| ")[1]
+
+
+@pytest.mark.slurm
+def test_writing_subflows_slurm_command_runs(tmp_path):
+    """The guide's second command, as written, on the test bed: srun inside a SLURM job (the
+    session's Prefect server is in PREFECT_API_URL, as the guide requires)."""
+    lines = own_programs_lines(run_as_written(GUIDE_SLURM, tmp_path), tmp_path)
+    for line in lines.values():
+        assert "srun --mpi=pmi2 " in line.split("| ")[1], line

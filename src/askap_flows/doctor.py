@@ -67,6 +67,36 @@ def sinfo_check(result: shell.Completed | None, error: str = "") -> Check:
     return Check("SLURM reachable", OK, f"sinfo answers ({n} partition line(s); SLURM_CONF={conf})")
 
 
+def cluster_check(clusters: str, with_m: shell.Completed | None, plain: shell.Completed | None,
+                  known: shell.Completed | None) -> Check:
+    """``sinfo -M CLUSTERS`` failed (``with_m``): say whether the profile's ``clusters:`` value is
+    the cause. ``plain``: ``sinfo`` without ``-M``; ``known``: ``sacctmgr -n -P list clusters
+    format=Cluster`` (None: not run or not on PATH)."""
+    if plain is None or plain.returncode != 0:
+        row = sinfo_check(plain, "sinfo could not run")
+        return Check(row.name, FAIL, f"sinfo -M {clusters} failed, and {row.detail} without -M "
+                     "too", row.fix)
+    said = ((with_m.stderr or with_m.stdout).strip().splitlines()[-1:] if with_m
+            else ["timed out"])
+    head = f"sinfo -M {clusters} failed"
+    fix = ("set allocation: clusters: in the profile to a name `sacctmgr list clusters` shows, or "
+           "remove it (it is for multi-cluster sites only: sbatch -M)")
+    if known is None or known.returncode != 0:
+        return Check("SLURM reachable", FAIL, f"{head}: cluster {clusters!r} is not known to this "
+                     "SLURM (it keeps no accounting database, slurmdbd, so `sacctmgr list "
+                     "clusters` lists none and -M reaches no cluster; sinfo without -M answers)",
+                     "remove allocation: clusters: from the profile (this SLURM is one cluster)")
+    names = {n.strip().lower() for n in known.stdout.splitlines() if n.strip()}
+    unknown = [c for c in clusters.split(",") if c.strip().lower() not in names]
+    listed = ", ".join(sorted(names)) or "(none)"
+    if unknown:
+        return Check("SLURM reachable", FAIL, f"{head}: cluster {', '.join(map(repr, unknown))} "
+                     f"is not known to this SLURM (`sacctmgr list clusters`: {listed})", fix)
+    return Check("SLURM reachable", FAIL, f"{head}: cluster {clusters!r} is known to this SLURM "
+                 f"but does not answer ({said[0] if said else 'no output'})",
+                 "try again later (its slurmctld may be down), or ask the site's help desk")
+
+
 def parse_partitions(sinfo_out: str) -> dict[str, dict[str, Any]]:
     """``sinfo -h -o '%P|%a|%D'`` -> {name: {"available": up/down, "nodes": N, "default": bool}}."""
     parts: dict[str, dict[str, Any]] = {}
@@ -389,8 +419,13 @@ def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
     else:
         res = _run(["sinfo", *cluster, "-h", "-o", "%P|%a|%D"], timeout=20)
         rows = [sinfo_check(res, "sinfo timed out after 20 s: the controller does not answer")]
+        if alloc.clusters and rows[0].status == FAIL:  # the profile's clusters: may be the cause
+            rows = [cluster_check(alloc.clusters, res, _run(["sinfo", "-h", "-o", "%P"]), _run(
+                ["sacctmgr", "-n", "-P", "list", "clusters", "format=Cluster"]))]
     if rows[0].status == FAIL:
-        return rows + [Check(n, SKIP, "SLURM does not answer")
+        why = (f"SLURM does not answer for clusters: {alloc.clusters}" if alloc.clusters
+               else "SLURM does not answer")
+        return rows + [Check(n, SKIP, why)
                        for n in ("partition", "account", "reservation", "MPI plugin")]
     rows.append(partition_check(alloc.partition, alloc.nodes, res.stdout))
     rows.append(account_check(alloc.account, alloc.account and _run(
