@@ -28,20 +28,25 @@ class Recorded:
         return answer
 
 
-def line(job_id, name, state, reason="None", nodes="node1", limit="10:00"):
-    return f"{job_id}|{name}|{state}|{reason}|{nodes}|{limit}\n"
+def line(job_id, name, state, reason="None", nodes="node1", limit="00:10:00"):
+    """One line of ``scontrol -o show job`` (shortened; the fields the board reads, in order)."""
+    return (f"JobId={job_id} JobName={name} UserId=root(0) GroupId=root(0) Priority=1 "
+            f"JobState={state} Reason={reason} Dependency=(null) TimeLimit={limit} "
+            f"Partition=debug ReqNodeList=(null) NodeList={nodes} BatchHost={nodes}\n")
 
 
-def test_the_query_asks_for_every_tracked_name_with_ended_jobs_included():
-    cmd = board.squeue_command(["b-2", "a-1"])
-    assert cmd[:3] == ["squeue", "-h", "--states=all"]
-    assert cmd[cmd.index("--name") + 1] == "a-1,b-2"
+def test_the_query_is_one_rpc_for_every_job_ended_ones_included():
+    assert board.query_command() == ["scontrol", "-o", "show", "job"]
 
 
-def test_parse_squeue_skips_lines_of_another_shape():
-    jobs = board.parse_squeue(line(7, "a", "RUNNING") + "garbage\n" + line(8, "b", "NODE_FAIL"))
-    assert [(j.job_id, j.state, j.ended) for j in jobs] == [("7", "RUNNING", False),
-                                                            ("8", "NODE_FAIL", True)]
+def test_parse_jobs_keeps_the_tracked_names_and_skips_other_lines():
+    text = (line(7, "a", "RUNNING") + "No jobs in the system\n" + line(8, "b", "NODE_FAIL")
+            + line(9, "other", "RUNNING") + line(10, "c", "PENDING", "Priority", "(null)"))
+    jobs = board.parse_jobs(text, ["a", "b", "c"])
+    assert [(j.job_id, j.state, j.ended, j.nodelist) for j in jobs] == [
+        ("7", "RUNNING", False, "node1"), ("8", "NODE_FAIL", True, "node1"),
+        ("10", "PENDING", False, "")]
+    assert jobs[0].time_limit == "00:10:00"
 
 
 def test_one_query_per_interval_serves_every_tracked_job():
@@ -53,7 +58,7 @@ def test_one_query_per_interval_serves_every_tracked_job():
     time.sleep(0.35)
     calls = len(q.calls)
     assert calls <= 6, f"{calls} squeue calls for 20 jobs in ~0.4 s: one per interval expected"
-    assert len(q.calls[-1]) == 20  # each call asks about all of them at once
+    assert len(q.calls[-1]) == 20  # each call serves all of them at once
 
 
 def test_a_job_that_ended_before_the_first_poll_is_seen_with_its_final_state():
@@ -81,6 +86,18 @@ def test_a_replacement_job_of_the_same_name_comes_after_the_first():
     assert [j.job_id for j in b.jobs("x")] == ["11", "12"]
 
 
+def test_ids_learned_at_submission_are_live_until_seen_ending():
+    q = Recorded("", line(21, "s", "RUNNING"), line(21, "s", "CANCELLED"))
+    b = board.JobBoard(q, low=0.1, high=0.1)
+    b.track("t")
+    assert b.live_ids("t") == ([], False)  # nothing known: a cancel must go by name
+    b.track("s")
+    b.submitted("s", "21")
+    assert b.live_ids("s") == (["21"], True)  # before any poll has seen it
+    assert b.wait(lambda: bool(b.jobs("s")) and b.jobs("s")[0].ended, 5)
+    assert b.live_ids("s") == ([], True)  # ended: nothing to cancel
+
+
 def test_transient_controller_trouble_is_ridden_out_and_logged_once(caplog):
     err = RuntimeError("slurm_load_jobs error: Unable to contact slurm controller")
     q = Recorded(err, err, err, line(3, "j", "RUNNING"))
@@ -98,7 +115,7 @@ def test_after_the_grace_period_waiters_fail_with_the_cause():
     q = Recorded(RuntimeError("Unable to contact slurm controller"))
     b = board.JobBoard(q, low=0.1, high=0.1, grace=0.5)
     b.track("j")
-    with pytest.raises(board.ControllerUnreachable, match="did not answer squeue for 0.5 s"):
+    with pytest.raises(board.ControllerUnreachable, match="did not answer for 0.5 s"):
         b.wait(lambda: False, 20)
     with pytest.raises(slurm.SlurmError):
         b.check()
@@ -134,7 +151,7 @@ def test_untracked_names_are_no_longer_asked_about_and_the_thread_ends():
 
 
 def test_poll_settings_from_the_environment():
-    assert board.poll_settings({}) == (1.0, 3.0, 60.0)
+    assert board.poll_settings({}) == (1.0, 2.0, 60.0)
     assert board.poll_settings({board.POLL_ENV: "2-10", board.GRACE_ENV: "120"}) == (2, 10, 120)
     with pytest.raises(ValueError, match=board.POLL_ENV):
         board.poll_settings({board.POLL_ENV: "fast"})

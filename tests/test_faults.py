@@ -303,7 +303,7 @@ sys.exit(3)
     wall = outs.pop().error
     hang = outs.pop().error
     assert isinstance(wall, JobLost), repr(wall)
-    assert "reached its walltime (1:00)" in str(wall) and "TIMEOUT" in str(wall), str(wall)  # squeue writes the limit as 1:00
+    assert "reached its walltime (00:01:00)" in str(wall) and "TIMEOUT" in str(wall), str(wall)
     assert "Raise the allocation's walltime" in str(wall)
     assert "worker" not in str(wall).lower()
     errors = [o.error for o in outs]

@@ -1,16 +1,17 @@
 """The job board: one thread per process asks SLURM about every job the process tracks, in ONE
-``squeue`` call per interval, and everyone else reads its cache or waits on its changes.
+query per interval (``scontrol -o show job``: one RPC), and everyone else reads its cache or
+waits on its changes.
 
 Readers (the job watch of every sub-flow, a cluster's close, cancels, the progress line, the
-classification of failures, ``cleanup``) never call ``squeue`` themselves, so the load a pipeline
-puts on slurmctld does not grow with the number of its sub-flows. ``--states=all`` keeps a job
-that already ended in the answer, with its final state and reason, for SLURM's MinJobAge (300 s by
-default): a job that starts and ends between two polls is still seen.
+classification of failures, ``cleanup``) never query SLURM themselves, so the load a pipeline
+puts on slurmctld does not grow with the number of its sub-flows. SLURM keeps a job that already
+ended in the answer, with its final state and reason, for MinJobAge (300 s by default): a job
+that starts and ends between two polls is still seen.
 
 The interval adapts: ``low`` seconds while jobs are being tracked, start or end (or a reader asks
 for a fresh answer), growing to ``high`` while nothing changes. A failed query is retried with
 backoff and logged once; only after ``grace`` seconds without an answer do the waiters fail. The
-knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-3") and
+knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-2") and
 ``ASKAP_FLOWS_SLURM_GRACE`` (seconds, default 60).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,22 +29,21 @@ from . import shell
 from .slurm import SlurmError
 
 POLL_ENV, GRACE_ENV = "ASKAP_FLOWS_SLURM_POLL", "ASKAP_FLOWS_SLURM_GRACE"
-DEFAULT_POLL, DEFAULT_GRACE = (1.0, 3.0), 60.0
-FORMAT = "%i|%j|%T|%r|%N|%l"
+DEFAULT_POLL, DEFAULT_GRACE = (1.0, 2.0), 60.0
 #: states of a job that has not ended yet (everything else is final)
 ACTIVE_STATES = frozenset({
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
     "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
 })
 
-#: the state of a job that left squeue's answer before its final state was seen
+#: the state of a job that left SLURM's answer before its final state was seen
 GONE = "ENDED"
 
 log = logging.getLogger("askap_flows")
 
 
 class ControllerUnreachable(SlurmError):
-    """squeue did not answer for longer than the grace period."""
+    """SLURM did not answer the board's query for longer than the grace period."""
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,32 @@ class JobState:
         return self.state not in ACTIVE_STATES
 
 
-def squeue_command(names: Iterable[str]) -> list[str]:
-    """One query for every tracked job, including those that ended less than MinJobAge ago."""
-    return ["squeue", "-h", "--states=all", "--name", ",".join(sorted(names)), "-o", FORMAT]
+def query_command() -> list[str]:
+    """One query for every job SLURM knows, including those that ended less than MinJobAge ago.
+
+    ``scontrol -o show job`` costs slurmctld ONE RPC (REQUEST_JOB_INFO); ``squeue`` sends that
+    same RPC (it filters by name on the client side) plus a REQUEST_PARTITION_INFO, measured with
+    ``sdiag`` on SLURM 22.05. The board keeps the lines of the names it tracks.
+    """
+    return ["scontrol", "-o", "show", "job"]
 
 
-def parse_squeue(text: str) -> list[JobState]:
-    """The lines of ``squeue -o FORMAT`` as JobStates (lines of another shape are skipped)."""
+_FIELDS = {k: re.compile(rf"(?:^| ){k}=(\S*)") for k in
+           ("JobId", "JobName", "JobState", "Reason", "NodeList", "TimeLimit")}
+
+
+def parse_jobs(text: str, names: Iterable[str] | None = None) -> list[JobState]:
+    """The lines of ``scontrol -o show job`` as JobStates, only those of ``names`` if given
+    (lines without a job id, e.g. "No jobs in the system", are skipped)."""
+    wanted = None if names is None else set(names)
     jobs = []
     for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 6 and parts[0]:
-            jobs.append(JobState(*parts))
+        found = {k: m.group(1) if (m := rx.search(line)) else "" for k, rx in _FIELDS.items()}
+        if not found["JobId"] or (wanted is not None and found["JobName"] not in wanted):
+            continue
+        nodes = found["NodeList"] if found["NodeList"] != "(null)" else ""
+        jobs.append(JobState(found["JobId"], found["JobName"], found["JobState"],
+                             found["Reason"], nodes, found["TimeLimit"]))
     return jobs
 
 
@@ -91,14 +106,14 @@ def poll_settings(env: dict | None = None) -> tuple[float, float, float]:
     return low, high, grace
 
 
-def run_squeue(names: Sequence[str]) -> str:
-    return shell.output(squeue_command(names), timeout=30)
+def run_query(names: Sequence[str]) -> str:
+    return shell.output(query_command(), timeout=30)
 
 
 class JobBoard:
     """SLURM's view of the jobs this process tracks, refreshed by one thread."""
 
-    def __init__(self, query: Callable[[Sequence[str]], str] = run_squeue,
+    def __init__(self, query: Callable[[Sequence[str]], str] = run_query,
                  low: float | None = None, high: float | None = None,
                  grace: float | None = None) -> None:
         d_low, d_high, d_grace = poll_settings()
@@ -109,6 +124,7 @@ class JobBoard:
         self._cond = threading.Condition()
         self._names: dict[str, int] = {}  # tracked name -> number of holders
         self._jobs: dict[str, JobState] = {}  # job id -> last seen state
+        self._submitted: dict[str, set[str]] = {}  # name -> job ids sbatch returned
         self._polls = 0  # successful polls so far
         self._failing_since: float | None = None
         self._error: str | None = None  # set once the controller did not answer for `grace` s
@@ -125,6 +141,22 @@ class JobBoard:
                 self._thread.start()
         self._urgent.set()
 
+    def submitted(self, name: str, job_id: str) -> None:
+        """sbatch returned ``job_id`` for ``name``: known before the first poll sees it."""
+        with self._cond:
+            self._submitted.setdefault(name, set()).add(str(job_id))
+        self._urgent.set()
+
+    def live_ids(self, name: str) -> tuple[list[str], bool]:
+        """(ids of this name's jobs that have not been seen ending, complete): ``complete`` is
+        False when a job of this name may exist that the board cannot name (nothing submitted
+        through it and nothing seen), so a cancel must go by name."""
+        with self._cond:
+            seen = {i: j for i, j in self._jobs.items() if j.name == name}
+            ids = set(self._submitted.get(name, set())) | set(seen)
+            live = sorted(i for i in ids if i not in seen or not seen[i].ended)
+            return live, bool(ids)
+
     def untrack(self, name: str) -> None:
         with self._cond:
             left = self._names.get(name, 0) - 1
@@ -132,6 +164,7 @@ class JobBoard:
                 self._names[name] = left
                 return
             self._names.pop(name, None)
+            self._submitted.pop(name, None)
             for job_id in [i for i, j in self._jobs.items() if j.name == name]:
                 del self._jobs[job_id]
 
@@ -222,17 +255,17 @@ class JobBoard:
             with self._cond:
                 if self._failing_since is None:
                     self._failing_since = now
-                    log.warning("SLURM did not answer squeue (%s); retrying for up to %g s",
+                    log.warning("SLURM did not answer the job query (%s); retrying for up to %g s",
                                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                                 self.grace)
                 if now - self._failing_since > self.grace and not self._error:
                     self._error = (
-                        f"the SLURM controller did not answer squeue for {self.grace:g} s "
+                        f"the SLURM controller did not answer for {self.grace:g} s "
                         f"(last error: {str(exc).strip()[:300]}). Check `sinfo` and the site's "
                         f"status page; raise {GRACE_ENV} to wait longer.")
                     self._cond.notify_all()
             return True
-        seen = parse_squeue(out)
+        seen = parse_jobs(out, names)
         with self._cond:
             if self._failing_since is not None:
                 log.warning("SLURM answers again after %.0f s",

@@ -64,7 +64,9 @@ class BoardJob(SLURMJob):
         pause = 1.0
         while True:
             try:
-                return await super().start()
+                await super().start()
+                b.submitted(self.job_name, str(self.job_id))
+                return
             except Exception as exc:  # noqa: BLE001 - only an unreachable controller is retried
                 if not any(t in str(exc) for t in UNREACHABLE) or time.monotonic() > deadline:
                     raise
@@ -92,16 +94,22 @@ class BoardJob(SLURMJob):
 def cancel_named(name: str, wait: float = 30.0) -> list[str]:
     """Cancel every job of this name; wait up to ``wait`` s until the board shows them ended.
 
-    ``scancel`` runs even when SLURM cannot be queried (on shutdown, cancelling matters most).
-    Returns the ids of the jobs of this name the board knows.
+    Jobs the board can name are cancelled by id (``scancel ID``: no query for slurmctld); a job
+    already seen ending is left alone; only when the board cannot name the jobs of ``name`` does
+    ``scancel --name`` run (which makes slurmctld load its job list). ``scancel`` runs even when
+    SLURM cannot be queried (on shutdown, cancelling matters most). Returns the ids the board knows.
     """
     b = board.board()
     b.track(name)
     deadline = time.monotonic() + (b.grace if wait > 0 else 0)
     try:
+        live, complete = b.live_ids(name)
+        if complete and not live:
+            return [j.job_id for j in b.jobs(name)]  # every job of this name has ended
+        argv = ["scancel", *live] if complete else ["scancel", "--name", name]
         while True:
             try:
-                res = shell.run(["scancel", "--name", name], check=False, timeout=30)
+                res = shell.run(argv, check=False, timeout=30)
             except shell.CommandError:  # scancel missing or hanging: nothing more can be done
                 return [j.job_id for j in b.jobs(name)]
             said = res.stderr or ""
@@ -110,7 +118,8 @@ def cancel_named(name: str, wait: float = 30.0) -> list[str]:
             time.sleep(2.0)  # the controller is restarting: the cancel must still happen
         if wait > 0:
             try:
-                b.wait(lambda: all(j.ended for j in b.jobs(name)), wait, fresh=True)
+                b.wait(lambda: all(j.ended for j in b.jobs(name))
+                       and not b.live_ids(name)[0], wait, fresh=True)
             except board.ControllerUnreachable:
                 pass
         return [j.job_id for j in b.jobs(name)]

@@ -62,7 +62,8 @@ def watch_job(future, run: RunHandle, logger, stopping) -> board.JobState | None
                         job.nodelist or job.reason)
         seen = job
         if job.ended:
-            if future_done(future, timeout=2.0):
+            # a job that completed may still be handing its result over; any other end is final
+            if future_done(future, timeout=2.0 if job.state == "COMPLETED" else 0.1):
                 break
             cancel(future)
             raise job_lost(job, run)
