@@ -2,10 +2,11 @@
 """What a pipeline asks slurmctld: query RPCs (``sdiag``) of N concurrent sub-flows against the same
 jobs submitted with bare ``sbatch``, and how soon a job's end reaches its sub-flow.
 
-Workload: N = 4, 16, 48 concurrent MPI sub-flows (``run_subflows``, max_concurrent = N), each one
-1-node, 1-rank, 1-CPU job on the test bed (3 nodes x 4 CPUs, no oversubscription: at most 12 run
-at once, the rest pend and run in waves), with two programs: the hello program ("short") and a
-wrapper that sleeps 60 s, then execs it ("long").
+Workload: N concurrent MPI sub-flows (``run_subflows``, max_concurrent = N), each one 1-node,
+1-rank, 1-CPU job on the test bed (3 nodes x 4 CPUs, no oversubscription: at most 12 run at once,
+the rest pend and run in waves), with two programs: the hello program ("short", N = 4, 16, 48)
+and a wrapper that sleeps 60 s, then execs it ("long", N = 4 and 48: the run holds the test bed
+for about 15 min).
 
 * pipeline: ``mpi_subflow(backend="slurm", profile="testbed")`` calls in one parent flow. Each phase
   starts with the per-process caches of ``sinfo`` / ``sbatch --test-only`` empty, as a fresh
@@ -132,7 +133,7 @@ def rpc_figures(samples: list, n: int, window: tuple[float, float] | None) -> di
                                   if not is_query(k) and k != OWN_RPC},
            "rpcs_by_user": last["by_user"], "queries_per_job": round(total / n, 2),
            "phase_seconds": round(t_end - t0, 2),
-           "queries_per_second_phase": round(total / (t_end - t0), 3),
+           "queries_per_second_phase": round(total / round(t_end - t0, 2), 3),
            "series": [[round(t - t0, 1), sum(queries(s["by_type"]).values())] for t, s in samples]}
     if window:
         before = [x for x in samples if x[0] <= window[0]] or samples[:1]
@@ -143,8 +144,8 @@ def rpc_figures(samples: list, n: int, window: tuple[float, float] | None) -> di
         out.update(running_seconds=round(window[1] - window[0], 2),
                    counted_seconds=round(tb - ta, 2), running_queries=sum(in_window.values()),
                    running_queries_by_type=in_window,
-                   queries_per_second_running=(round(sum(in_window.values()) / (tb - ta), 3)
-                                               if tb > ta else None))
+                   queries_per_second_running=(round(sum(in_window.values()) / round(tb - ta, 2),
+                                                     3) if round(tb - ta, 2) > 0 else None))
     return out
 
 
@@ -389,8 +390,9 @@ def targets(phases: list[dict], latency: dict) -> dict:
                     None)
 
     program = "long" if any(p["program"] == "long" for p in phases) else "short"
-    ns = sorted({p["n"] for p in phases})
-    rates = {n: get("pipeline", program, n)["queries_per_second_running"] for n in ns}
+    ns = sorted({p["n"] for p in phases if p["program"] == program})
+    rates = {n: get("pipeline", program, n)["queries_per_second_running"] for n in ns
+             if get("pipeline", program, n)}
     lo, hi = rates[ns[0]], rates[ns[-1]]
     extra = {f"{p['program']} N={p['n']}": round(
         p["queries_per_job"] - get("floor", p["program"], p["n"])["queries_per_job"], 2)
@@ -413,6 +415,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", default="4,16,48", help="concurrent sub-flows per phase (default 4,16,48)")
     p.add_argument("--programs", default="short,long", help="short, long or both (default)")
+    p.add_argument("--long-n", default="4,48",
+                   help="N for the long program (default 4,48: the smallest and largest N; with "
+                        "16 as well the run would hold the test bed for over 20 min)")
     p.add_argument("--long-seconds", type=int, default=60, help="the long program's sleep")
     p.add_argument("--latency-samples", type=int, default=8, help="cancelled sub-flows (default 8)")
     p.add_argument("--quick", action="store_true", help="smoke test: N=2, short only, 2 cancels")
@@ -421,6 +426,7 @@ def main() -> int:
     if args.quick:
         args.n, args.programs, args.latency_samples = "2", "short", 2
     ns = [int(x) for x in args.n.split(",")]
+    long_ns = [int(x) for x in args.long_n.split(",")]
     programs = args.programs.split(",")
     if not os.environ.get("SLURM_CONF"):
         raise SystemExit("SLURM_CONF is not set: run `scripts/slurm_testbed.sh up` and "
@@ -448,7 +454,7 @@ def main() -> int:
             check.write_text(overhead.floor_script(alloc, spec, hello, f"{PREFIX}-check", work))
             costs = command_costs(str(check))
             for program in programs:
-                for n in ns:
+                for n in (long_ns if program == "long" else ns):
                     for kind in ("floor", "pipeline"):
                         wait_idle()
                         _bench.say(f"{kind}: {n} x {program}")
@@ -472,7 +478,7 @@ def main() -> int:
         "load_average_before": load_before,
         "load_average_after": _bench.load(),
         "prefect_server": server,
-        "workload": {"n": ns, "programs": programs, "long_seconds": args.long_seconds,
+        "workload": {"n": ns, "long_n": long_ns, "programs": programs, "long_seconds": args.long_seconds,
                      "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
                      "srun": mpi.launch_command(spec, hello), "board_poll": os.environ.get(
                          "ASKAP_FLOWS_SLURM_POLL", "default (1-3 s)")},
