@@ -273,7 +273,8 @@ def measured(kind: str, program_kind: str, n: int, run) -> dict:
 
 
 class StateLog(logging.Handler):
-    """When each sub-flow's watch logged 'SLURM job ID is STATE' (no SLURM query)."""
+    """When each sub-flow's watch logged 'SLURM job ID is STATE' for a final state (no SLURM
+    query; its PENDING and RUNNING lines come before the cancel)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -296,6 +297,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def run_latency(m: int, hello: str, work: Path, tag: str) -> dict:
     """m sub-flows of a sleeping wrapper; each job cancelled LATENCY_DELAYS[i % 4] s after its
     MPI step started; seconds from each cancel to its sub-flow raising."""
+    from askap_flows import board
+
     marks = work / f"marks-{tag}"
     program = sleeper(work, 600, hello, marks)
     delays = {i: LATENCY_DELAYS[i % len(LATENCY_DELAYS)] for i in range(m)}
@@ -333,7 +336,8 @@ def run_latency(m: int, hello: str, work: Path, tag: str) -> dict:
             continue
         job_id, t = cancels[i]
         err = res["_errors"].get(i)
-        seen = [v for (j, state), v in log.seen.items() if j == job_id and state != "RUNNING"]
+        seen = [v for (j, state), v in log.seen.items()
+                if j == job_id and state not in board.ACTIVE_STATES]
         samples.append({"index": i, "job_id": job_id, "cancel_after_start_seconds": delays[i],
                         "seconds_to_fail": round(res["_ends"][i] - t, 2),
                         "seconds_to_seen": round(min(seen) - t, 2) if seen else None,

@@ -68,7 +68,7 @@ def controller_load(d: dict) -> str:
            f"{d['load_average_before'][0]} / {d['load_average_after'][0]}; 1-node 1-rank jobs, "
            f"programs: short = hello, long = sleep {w['long_seconds']} s then hello; board poll "
            f"{w['board_poll']}", "",
-           "| program | N | kind | wall [s] | jobs pended | query RPCs | per job | /s while running "
+           "| program | N | kind | wall [s] | jobs seen PENDING | query RPCs | per job | /s while running "
            "| /s whole phase | failures |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["phases"]:
         out.append(f"| {p['program']} | {p['n']} | {p['kind']} | {_f(p['wall_seconds'])} | "
@@ -93,11 +93,17 @@ def controller_load(d: dict) -> str:
             "| seconds from scancel to | p50 | p95 | samples | JobLost CANCELLED |",
             "|---|---|---|---|---|",
             f"| the watch logging the new state | {_f(lat['p50_seconds_to_seen'], 2)} | "
-            f"{_f(lat['p95_seconds_to_seen'], 2)} | {lat['m']} | |",
+            f"{_f(lat['p95_seconds_to_seen'], 2)} | "
+            f"{sum(s.get('seconds_to_seen') is not None for s in lat['samples'])} | |",
             f"| the sub-flow call raising | {_f(lat['p50_seconds_to_fail'], 2)} | "
             f"{_f(lat['p95_seconds_to_fail'], 2)} | {lat['m']} | {lat['joblost_cancelled']} |",
             "", "| target | result | met? |", "|---|---|---|"]
     rates = ", ".join(f"N={n}: {_f(r, 2)}" for n, r in t["pipeline_queries_per_second_running"].items())
+    own = [p for p in d["phases"] if p["kind"] == "pipeline" and p["program"] == t["rate_program"]]
+    rates += "; without the jobs' own srun lookups (HET_JOB_ALLOC_INFO): " + ", ".join(
+        f"N={p['n']}: "
+        f"{_f((p['running_queries'] - p['running_queries_by_type'].get('REQUEST_HET_JOB_ALLOC_INFO', 0)) / p['counted_seconds'], 2)}"
+        for p in own)
     change = t["rate_change_largest_vs_smallest_n"]
     out.append(f"| query RPCs/s from the pipeline while sub-flows run ({t['rate_program']}) <= 1 | "
                f"{rates} | {'yes' if t['rate_at_most_1'] else 'no'} |")
