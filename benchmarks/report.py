@@ -62,10 +62,66 @@ def sweep(d: dict) -> str:
     return "\n".join(out)
 
 
+def controller_load(d: dict) -> str:
+    w, t, lat = d["workload"], d["targets"], d["latency"]
+    out = [f"Prefect {d['versions']['prefect']}, {d['date_utc']} UTC, load average before/after "
+           f"{d['load_average_before'][0]} / {d['load_average_after'][0]}; 1-node 1-rank jobs, "
+           f"programs: short = hello, long = sleep {w['long_seconds']} s then hello; board poll "
+           f"{w['board_poll']}", "",
+           "| program | N | kind | wall [s] | jobs seen PENDING | query RPCs | per job | /s while running "
+           "| /s whole phase | failures |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in d["phases"]:
+        out.append(f"| {p['program']} | {p['n']} | {p['kind']} | {_f(p['wall_seconds'])} | "
+                   f"{p['jobs_pended']} | {p['queries']} | {_f(p['queries_per_job'], 2)} | "
+                   f"{_f(p.get('queries_per_second_running'), 2)} | "
+                   f"{_f(p['queries_per_second_phase'], 2)} | {p['failures']} |")
+    types = sorted({k for p in d["phases"] for k in p["queries_by_type"]},
+                   key=lambda k: -sum(p["queries_by_type"].get(k, 0) for p in d["phases"]))
+    out += ["", "Query RPCs by type over each phase (`sdiag`, \"by message type\"):", "",
+            "| program | N | kind | " + " | ".join(k.removeprefix("REQUEST_") for k in types) + " |",
+            "|---|---|---|" + "---|" * len(types)]
+    for p in d["phases"]:
+        out.append(f"| {p['program']} | {p['n']} | {p['kind']} | "
+                   + " | ".join(str(p["queries_by_type"].get(k, 0)) for k in types) + " |")
+    out += ["", "RPCs of one call of each command (`sdiag -r` before each):", "",
+            "| command | RPCs |", "|---|---|"]
+    for cmd, rpcs in d["command_costs"].items():
+        text = ", ".join(f"{k.removeprefix('REQUEST_')} {v}" for k, v in rpcs.items()) or "none"
+        out.append(f"| `{cmd}` | {text} |")
+    out += ["", f"Detection latency: {lat['m']} sub-flows, each job cancelled (`scancel ID`) "
+            "1.5 / 4 / 7 / 10 s after its MPI step started:", "",
+            "| seconds from scancel to | p50 | p95 | samples | JobLost CANCELLED |",
+            "|---|---|---|---|---|",
+            f"| the watch logging the new state | {_f(lat['p50_seconds_to_seen'], 2)} | "
+            f"{_f(lat['p95_seconds_to_seen'], 2)} | "
+            f"{sum(s.get('seconds_to_seen') is not None for s in lat['samples'])} | |",
+            f"| the sub-flow call raising | {_f(lat['p50_seconds_to_fail'], 2)} | "
+            f"{_f(lat['p95_seconds_to_fail'], 2)} | {lat['m']} | {lat['joblost_cancelled']} |",
+            "", "| target | result | met? |", "|---|---|---|"]
+    rates = ", ".join(f"N={n}: {_f(r, 2)}" for n, r in t["pipeline_queries_per_second_running"].items())
+    own = [p for p in d["phases"] if p["kind"] == "pipeline" and p["program"] == t["rate_program"]]
+    rates += "; without the jobs' own srun lookups (HET_JOB_ALLOC_INFO): " + ", ".join(
+        f"N={p['n']}: "
+        f"{_f((p['running_queries'] - p['running_queries_by_type'].get('REQUEST_HET_JOB_ALLOC_INFO', 0)) / p['counted_seconds'], 2)}"
+        for p in own)
+    change = t["rate_change_largest_vs_smallest_n"]
+    out.append(f"| query RPCs/s from the pipeline while sub-flows run ({t['rate_program']}) <= 1 | "
+               f"{rates} | {'yes' if t['rate_at_most_1'] else 'no'} |")
+    out.append(f"| ... independent of N (largest N within 10 % of smallest) | "
+               f"{'-' if change is None else f'{change * 100:+.0f} %'} | "
+               f"{'yes' if t['rate_independent_of_n'] else 'no'} |")
+    extra = ", ".join(f"{k}: {_f(v, 2)}" for k, v in t["per_subflow_over_floor"].items())
+    out.append(f"| query RPCs per sub-flow over its life <= 3 on top of the floor's | {extra} | "
+               f"{'yes' if t['per_subflow_over_floor_at_most_3'] else 'no'} |")
+    out.append(f"| a job's end reaches its sub-flow in <= 5 s (p95) | "
+               f"{_f(t['latency_p95_seconds'], 2)} s | {'yes' if t['latency_p95_at_most_5'] else 'no'} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     for name, render in (("overhead.json", overhead), ("sweep.json", sweep),
                          ("sweep_prefect2.json", sweep), ("sweep_prefect2_capped.json", sweep),
-                         ("sweep_testbed.json", sweep)):
+                         ("sweep_testbed.json", sweep), ("controller_load.json", controller_load)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")

@@ -72,6 +72,95 @@ def test_sweep_quick(tmp_path):
     assert Path(data["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slurm
+def test_controller_load_quick(tmp_path):
+    data = _run("controller_load", tmp_path)
+    assert data["quick"] and data["workload"]["n"] == [2] and data["workload"]["programs"] == ["short"]
+    phases = data["phases"]
+    assert [(p["kind"], p["program"], p["n"]) for p in phases] == [
+        ("floor", "short", 2), ("pipeline", "short", 2)]
+    for p in phases:
+        assert p["failures"] == 0, p["errors"]
+        _check_phase(p)
+        # the counters saw this phase's jobs, and only them: one batch submission per job
+        assert p["other_rpcs_by_type"]["REQUEST_SUBMIT_BATCH_JOB"] == p["n"], p
+        counts = [c for _, c in p["series"]]
+        assert counts == sorted(counts) and counts[-1] == p["queries"]
+    assert "REQUEST_JOB_WILL_RUN" in phases[1]["queries_by_type"]  # its sbatch --test-only
+    _check_targets(data)
+    costs = data["command_costs"]
+    assert "REQUEST_JOB_WILL_RUN" in costs["sbatch --test-only (test_submit)"]
+    assert all("REQUEST_STATS_INFO" not in c for c in costs.values())
+    lat = data["latency"]
+    assert lat["m"] == len(lat["samples"]) == 2
+    # both cancels ended their sub-flows, with the right cause, and the watch saw it first
+    assert lat["joblost_cancelled"] == 2, lat["samples"]
+    fail = sorted(s["seconds_to_fail"] for s in lat["samples"])
+    assert (lat["p50_seconds_to_fail"], lat["p95_seconds_to_fail"]) == (fail[0], fail[1])
+    assert all(s["seconds_to_seen"] <= s["seconds_to_fail"] for s in lat["samples"])
+
+
+def _check_phase(p: dict) -> None:
+    assert p["queries"] == sum(p["queries_by_type"].values())
+    assert p["queries_per_job"] == round(p["queries"] / p["n"], 2)
+    assert not {"REQUEST_STATS_INFO", *p["other_rpcs_by_type"]} & set(p["queries_by_type"])
+    assert p["running_queries"] == sum(p["running_queries_by_type"].values()) <= p["queries"]
+    assert p["queries_per_second_phase"] == round(p["queries"] / p["phase_seconds"], 3)
+    assert p["queries_per_second_running"] == round(p["running_queries"] / p["counted_seconds"], 3)
+
+
+def _check_targets(data: dict) -> None:
+    """The targets' figures are the phases' (report.py's table shows them)."""
+    t, phases = data["targets"], data["phases"]
+    by = {(p["kind"], p["program"], p["n"]): p for p in phases}
+    for p in phases:
+        if p["kind"] == "pipeline":
+            floor = by[("floor", p["program"], p["n"])]
+            assert t["per_subflow_over_floor"][f"{p['program']} N={p['n']}"] == round(
+                p["queries_per_job"] - floor["queries_per_job"], 2)
+    rates = {str(p["n"]): p["queries_per_second_running"] for p in phases
+             if (p["kind"], p["program"]) == ("pipeline", t["rate_program"])}
+    assert {str(k): v for k, v in t["pipeline_queries_per_second_running"].items()} == rates
+    assert t["rate_at_most_1"] == all(r <= 1 for r in rates.values())
+    assert t["per_subflow_over_floor_at_most_3"] == all(
+        v <= 3 for v in t["per_subflow_over_floor"].values())
+    assert t["latency_p95_seconds"] == data["latency"]["p95_seconds_to_fail"]
+
+
+@pytest.mark.unit
+def test_sdiag_parsing_counts_only_queries():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import controller_load
+
+    text = (ROOT / "tests" / "golden" / "sdiag.txt").read_text()
+    d = controller_load.parse_sdiag(text)
+    assert d["by_type"]["REQUEST_JOB_INFO"] == 12 and d["by_user"] == {"root": 35}
+    assert controller_load.queries(d["by_type"]) == {
+        "REQUEST_JOB_INFO": 12, "REQUEST_PARTITION_INFO": 9, "REQUEST_FED_INFO": 3,
+        "REQUEST_PING": 2, "REQUEST_JOB_INFO_SINGLE": 4, "REQUEST_JOB_WILL_RUN": 1}
+    assert controller_load.percentile([3.0, 1.0, 2.0, 9.0], 95) == 9.0
+    assert controller_load.percentile([3.0, 1.0, 2.0, 9.0], 50) == 2.0
+
+
+@pytest.mark.unit
+def test_controller_load_table_is_the_committed_json():
+    """The committed controller_load.json is a full run, consistent, and its tables are in README."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "controller_load.json").read_text())
+    assert not data["quick"] and data["workload"]["n"] == [4, 16, 48]
+    assert data["workload"]["programs"] == ["short", "long"] and data["workload"]["long_n"] == [4, 48]
+    for p in data["phases"]:
+        _check_phase(p)
+    _check_targets(data)
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    rows = [line for line in report.controller_load(data).splitlines() if line.startswith("| ")]
+    assert len(rows) > 20
+    missing = [line for line in rows if line not in readme]
+    assert not missing, f"README lacks rows of controller_load.json (run benchmarks/report.py): {missing}"
+
+
 @pytest.mark.unit
 def test_readme_tables_are_the_committed_json():
     """benchmarks/README.md shows what benchmarks/results/*.json hold (report.py renders them)."""

@@ -42,3 +42,34 @@ def test_site_directives():
     assert slurm.job_directives(alloc) == [
         "--nodes=2", "--ntasks-per-node=1", "--qos=high", "--reservation=askapdev",
         "--clusters=galaxy", "--constraint=cpu", "--exclusive", "--gres=gpu:1"]
+
+
+def test_preflight_checks_ask_slurm_once_when_many_sub_flows_start_at_once(monkeypatch):
+    """48 sub-flows starting at once in a fresh process: one sinfo and one sbatch --test-only,
+    not one per sub-flow (each racing past the empty cache; benchmarks/controller_load.py)."""
+    import threading
+    import time
+
+    from askap_flows import shell
+
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv[0] if argv[0] == "sinfo" else "test-only")
+        time.sleep(0.2)  # SLURM takes a moment to answer: every thread gets to ask meanwhile
+        return shell.Completed(list(argv), 0, "debug\n", "", 0.2)
+
+    monkeypatch.setattr(slurm.shell, "run", fake_run)
+    monkeypatch.setattr(slurm.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    monkeypatch.setattr(slurm, "_checked", {})
+
+    def preflight():
+        slurm.check_available()
+        slurm.test_submit("#!/bin/sh\n#SBATCH -p debug\n")
+
+    threads = [threading.Thread(target=preflight) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(calls) == ["sinfo", "test-only"]

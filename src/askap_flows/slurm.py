@@ -152,31 +152,52 @@ def _slurm(argv: Sequence[str], timeout: float = 30) -> str:
 
 _checked: dict[str, str] = {}  # what SLURM already accepted in this process (sinfo, test-only)
 _checked_lock = threading.Lock()
+_asking: dict[str, threading.Lock] = {}  # one lock per question: concurrent callers ask once
+
+
+def _once(key: str, ask) -> str:
+    """``ask()``'s answer, asked once per process however many threads want it at once (they wait
+    for the first one); a failed ask is not remembered, so the next caller asks again."""
+    with _checked_lock:
+        if key in _checked:
+            return _checked[key]
+        lock = _asking.setdefault(key, threading.Lock())
+    with lock:
+        with _checked_lock:
+            if key in _checked:
+                return _checked[key]
+        answer = ask()
+        with _checked_lock:
+            _checked[key] = answer
+        return answer
 
 
 def check_available() -> None:
     """Raise SlurmError with the fix when SLURM's commands are missing or the controller is down.
-    Once SLURM answered, later calls in this process ask nothing (one ``sinfo`` per process)."""
+    Once SLURM answered, later calls in this process ask nothing (one ``sinfo`` per process, also
+    when many sub-flows start at once)."""
     for cmd in ("sbatch", "srun", "squeue", "scancel"):
         if shutil.which(cmd) is None:
             raise SlurmError(f"`{cmd}` is not on PATH. {SLURM_INSTALL_HINT}")
-    with _checked_lock:
-        if "sinfo" in _checked:
-            return
-    _slurm(["sinfo", "-h", "-o", "%P"], timeout=20)
-    with _checked_lock:
-        _checked["sinfo"] = "ok"
+
+    def ask() -> str:
+        _slurm(["sinfo", "-h", "-o", "%P"], timeout=20)
+        return "ok"
+
+    _once("sinfo", ask)
 
 
 def test_submit(script: str) -> str:
     """``sbatch --test-only``: SLURM validates the job (partition, nodes, account) submitting nothing.
 
-    A script SLURM accepted once in this process is not asked about again: pass the same script
-    for the same partition and shape (``run_cluster_kwargs`` with a fixed job name and ports).
+    A script SLURM accepted once in this process is not asked about again, also when many
+    sub-flows start at once: pass the same script for the same partition and shape
+    (``run_cluster_kwargs`` with a fixed job name and ports).
     """
-    with _checked_lock:
-        if script in _checked:
-            return _checked[script]
+    return _once(script, lambda: _test_submit(script))
+
+
+def _test_submit(script: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="askap-test-") as fh:
         fh.write(script)
         fh.flush()
@@ -192,8 +213,6 @@ def test_submit(script: str) -> str:
             f"{nodes.strip()}\nCheck the profile's partition, account, nodes and memory against "
             "it (`askap-flows render` shows the job script). Nothing was submitted."
         )
-    with _checked_lock:
-        _checked[script] = said
     return said
 
 
