@@ -7,7 +7,7 @@ from .errors import AskapFlowsError
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
 __all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
-           "mpi_subflow", "array_subflow", "run_subflows"]
+           "mpi_subflow", "array_subflow", "run_subflows", "allocation"]
 __version__ = "0.1.0"
 
 
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from . import flows
 
         return getattr(flows, name)
+    if name == "allocation":
+        from . import pool
+
+        return pool.allocation
     raise AttributeError(name)
