@@ -25,10 +25,8 @@ from typing import Any, Iterator, Mapping
 
 import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
 import distributed
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact
 
-from . import board, jobs, launch, mpi, ports, runners, slurm, watch
+from . import board, jobs, mpi, ports, runners, slurm, watch
 from .errors import AskapFlowsError
 from .host import log_dir as job_log_dir
 from .ledger import LedgerError, NodeLedger
@@ -36,6 +34,11 @@ from .spec import AllocationSpec, MPISpec, build_specs, resolve_allocation, wall
 
 log = logging.getLogger("askap_flows")
 _pools: dict[str, "Pool"] = {}  # job name -> open pool (flow parameters carry the name only)
+
+
+def get(name: str) -> "Pool | None":
+    """The open pool of this job name (None once its block ended)."""
+    return _pools.get(name)
 
 
 class PoolError(AskapFlowsError, RuntimeError):
@@ -174,6 +177,8 @@ class Pool:
     def run_mpi(self, mpi_spec: MPISpec | Mapping[str, Any] | None, program: str | None = None,
                 name: str | None = None, retries: int = 0):
         """One MPI sub-flow in this pool (``mpi_subflow(..., pool=pool)`` calls this)."""
+        from .pool_step import pool_step
+
         spec = mpi_spec if isinstance(mpi_spec, MPISpec) else build_specs(
             self.profile, mpi=mpi_spec, check=False)[1]
         spec = dataclasses.replace(spec, launcher="srun")
@@ -186,7 +191,7 @@ class Pool:
         while True:
             run_name = f"{label}-retry{attempt}" if attempt else label
             try:
-                return _pool_step.with_options(flow_run_name=run_name)(
+                return pool_step.with_options(flow_run_name=run_name)(
                     spec=spec, program=prog, check_ranks=check_ranks, pool_name=self.job_name,
                     name=run_name)
             except slurm.JobLost as exc:
@@ -196,74 +201,6 @@ class Pool:
                 log.warning("step %s lost node(s) %s; retry %d of %d on the pool's nodes %s",
                             run_name, ",".join(exc.failed_nodes) or "?", attempt, retries,
                             ",".join(self.nodes))
-
-
-# --------------------------------------------------------------------------- one step
-@task(name="mpi-pool-run")
-def _run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
-              nodes: list[str]) -> dict:
-    """The step, launched from a Dask task on the pool's worker; its lines to this task's log."""
-    from .flows import LineCount
-
-    pool, logger = _pools[pool_name], get_run_logger()
-    topic, relayed = f"askap-mpi-{uuid.uuid4().hex}", LineCount()
-
-    def relay(event) -> None:
-        msg = event[1]
-        (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
-        relayed.add()
-
-    pool.client.subscribe_topic(topic, relay)
-    try:
-        future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes), program, check_ranks,
-                                    topic, pure=False)
-        job = watch.watch_job(future, pool.handle, logger, runners.shutting_down.is_set)
-        try:
-            data = future.result()
-        except Exception as exc:
-            relayed.wait_for(None, quiet_after=1.0)
-            failed, _ = slurm.node_problems(nodes)
-            if not failed:
-                return watch.result(future, job, pool.handle)  # the program's error, or the job's
-            pool.drop(list(failed))
-            which = "; ".join(f"{n} is {p}" for n, p in failed.items())
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise slurm.JobLost(
-                f"the MPI step on {','.join(nodes)} in pool job {pool.job_id} ({pool.job_name}) "
-                f"lost node(s) {','.join(failed)} ({which}). The pool no longer uses them; pass "
-                "retries=N to mpi_subflow to re-run the step on the pool's other nodes. The "
-                f"task's own error: {type(exc).__name__}: {first}", job_id=pool.job_id,
-                state="NODE_FAIL", reason=which, nodes=nodes, failed_nodes=list(failed)) from exc
-        relayed.wait_for(data["lines"], quiet_after=5.0)
-        return data
-    finally:
-        pool.client.unsubscribe_topic(topic)
-
-
-@flow(name="mpi-pool-step", validate_parameters=False)
-def _pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str):
-    from .flows import MPIRunResult, _record_job
-
-    called = time.time()
-    pool, logger = _pools.get(pool_name), get_run_logger()
-    if pool is None:
-        raise PoolError(f"the pool {pool_name} is closed: run its steps inside its `with` block")
-    if pool.dashboard:
-        create_link_artifact(link=pool.dashboard, link_text="Dask dashboard (pool)",
-                             description=f"Dask dashboard of pool job {pool.job_id}.")
-    ticket, nodes = pool.acquire(spec, logger)
-    started = time.time()
-    try:
-        logger.info("step of pool job %s on %s", pool.job_id, ",".join(nodes))
-        data = _run_step(spec, program, check_ranks, pool_name, nodes)
-    finally:
-        pool.release(ticket)
-    _record_job(pool.job_id, pool.job_name, nodes, pool.dashboard)
-    return MPIRunResult(
-        name=name, backend="slurm", job_id=pool.job_id, nodes=nodes, dashboard=pool.dashboard,
-        exit_code=data["exit_code"], seconds=data["seconds"], command=data["command"],
-        ranks=data["ranks"], timings={"queue_wait": started - called, "srun": data["seconds"],
-                                      "total": time.time() - called})
 
 
 # --------------------------------------------------------------------------- the allocation
