@@ -133,3 +133,63 @@ def test_pool_example_pipeline_runs(tmp_path, hello_program, no_jobs_left):
     lines = [x.split() for x in r.stdout.splitlines() if x[:1].isdigit()]
     assert len(lines) == 8 and {x[1] for x in lines} == {"ok"}, r.stdout
     assert len({x[2] for x in lines}) == 1  # one SLURM job for all eight
+
+
+def test_a_dead_node_fails_only_its_steps_and_a_retry_runs_on_the_others(tmp_path, hello_program,
+                                                                        no_jobs_left):
+    import threading
+
+    from askap_flows import allocation
+    from askap_flows.flows import mpi_subflow, run_subflows
+    from test_faults import TESTBED, waiter
+
+    flag = tmp_path / "go"
+    program = waiter(tmp_path, hello_program, flag)
+    tag = uuid.uuid4().hex[:6]
+    result: dict = {}
+    killed = False
+    with allocation(profile="testbed", nodes=3, walltime="00:10:00", ntasks_per_node=4) as pool:
+        # best fit: the target gets node1+node2, the sibling joins it on node1; node2 then dies
+        # (node1 runs the pool's worker: its death would end the whole pool)
+        target = partial(mpi_subflow, {"nodes": 2, "ntasks": 2, "ntasks_per_node": 1},
+                         pool=pool, program=program, name=f"ptarget-{tag}", retries=1)
+        sibling = partial(mpi_subflow, {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
+                          pool=pool, program=program, name=f"psibling-{tag}")
+        runner = threading.Thread(target=lambda: result.update(out=run_subflows([target, sibling],
+                                                                                max_concurrent=2)))
+        runner.start()
+        try:
+            def placed():
+                running = list(pool.ledger.running.values())
+                return len(running) == 2 and running
+
+            held = wait_for(placed, 120, "the two steps were never placed")
+            target_nodes = next(list(h) for h in held if len(h) == 2)
+            sibling_node = next(list(h) for h in held if len(h) == 1)[0]
+            victim = next(n for n in target_nodes if n not in ("node1", sibling_node))
+            time.sleep(2)  # let both steps' sruns start
+            subprocess.run(["bash", str(TESTBED), "kill-node", victim[4:], "--down-now"],
+                           check=True, capture_output=True)
+            killed = victim
+            wait_for(lambda: victim not in pool.nodes, 90, "the pool did not drop the dead node")
+            flag.touch()
+            runner.join(timeout=180)
+            assert not runner.is_alive(), "the steps hang after the node died"
+            assert pool.nodes == [n for n in ("node1", "node2", "node3") if n != victim]
+        finally:
+            flag.touch()
+            runner.join(timeout=180)
+            if killed:
+                subprocess.run(["bash", str(TESTBED), "revive-node", killed[4:]], check=True,
+                               capture_output=True)
+    target_out, sibling_out = result["out"]
+    assert target_out.ok, target_out.error
+    assert sibling_out.ok, sibling_out.error
+    assert victim not in target_out.value.nodes and target_out.value.job_id == pool.job_id
+    assert sibling_out.value.nodes == [sibling_node]
+    runs = flow_runs([f"ptarget-{tag}", f"ptarget-{tag}-retry1"])
+    first, retry = runs[f"ptarget-{tag}"], runs[f"ptarget-{tag}-retry1"]
+    assert first["state_type"] == "FAILED" and retry["state_type"] == "COMPLETED"
+    message = first["state"]["message"]
+    assert f"lost node(s) {victim}" in message and pool.job_id in message, message
+    assert "retries=N" in message
