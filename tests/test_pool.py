@@ -98,7 +98,8 @@ def test_allocation_ends_with_an_exception_sigterm_and_sigint(tmp_path, no_jobs_
             if proc.poll() is None:
                 proc.kill()
         err = proc.stderr.read()
-        assert proc.returncode != 0, err
+        # (SIGINT: dask_jobqueue 0.9 turns it into sys.exit(), which exits 0)
+        assert proc.returncode != 0 or how == "int", err
         if how == "raise":
             assert "boom in the block" in err
         wait_for(lambda: askap_jobs(prefix) == [], 30, f"{how}: the pool's job outlived its block")

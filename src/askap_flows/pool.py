@@ -251,7 +251,9 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                                                  job_cls=jobs.BoardJob)
             client = distributed.Client(cluster)
             _wait_for_worker(client, handle)
-            env = next(iter(client.run(_job_env).values()))
+            # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
+            env = {k: next(iter(client.run(os.getenv, k).values()))
+                   for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
             nodes = slurm.hostnames(env["SLURM_JOB_NODELIST"])
             dashboard = runners.dashboard_url(client)
             pool = Pool(alloc, profile, handle, client, env["SLURM_JOB_ID"], nodes,
@@ -274,10 +276,6 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                 b.untrack(job_name)
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
-
-
-def _job_env() -> dict:
-    return {k: os.environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
 
 
 def _wait_for_worker(client, handle: jobs.RunHandle) -> None:
