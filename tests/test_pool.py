@@ -106,17 +106,21 @@ def test_allocation_ends_with_an_exception_sigterm_and_sigint(tmp_path, no_jobs_
 
 
 def test_sigkilled_pool_is_found_by_cleanup(tmp_path, no_jobs_left):
+    """`cleanup` lists a pool's job by its name; after a SIGKILL the job is gone, by itself (its
+    worker closes when its scheduler, in the killed process, vanishes) or by `cleanup --yes`."""
     prefix = f"poolkill{uuid.uuid4().hex[:6]}"
     proc = _holder(tmp_path, prefix, "kill")
+    cli = [sys.executable, "-m", "askap_flows.cli", "cleanup", "--prefix", prefix]
     try:
         job_id = _ready(proc)
+        listed = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert "1 SLURM job(s)" in listed.stdout and f"{prefix}-pool-" in listed.stdout, listed
+        assert job_id in listed.stdout
         proc.kill()
         proc.wait(timeout=30)
-        assert [j.split()[1] for j in askap_jobs(prefix)] == [job_id]
-        assert askap_jobs(prefix)[0].startswith(f"{prefix}-pool-")
-        cli = [sys.executable, "-m", "askap_flows.cli", "cleanup", "--prefix", prefix, "--yes"]
-        done = subprocess.run(cli, capture_output=True, text=True, timeout=90, env=os.environ)
-        assert done.returncode == 0 and "cancelled 1 job(s)" in done.stdout, done.stdout
+        done = subprocess.run(cli + ["--yes"], capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "cancelled 1 job(s)" in done.stdout or "no SLURM jobs" in done.stdout, done.stdout
     finally:
         if proc.poll() is None:
             proc.kill()
