@@ -25,6 +25,15 @@ def test_best_fit_prefers_the_fullest_node_that_still_fits():
     assert led.assign() == {first: ["node1"]}
     small = led.request(1, 1)
     assert led.assign() == {small: ["node1"]}  # not node2: that one stays whole
+    led.release(first)
+    led.release(small)
+    second = led.request(1, 3)
+    led.assign()
+    other = led.request(1, 3)
+    assert led.assign() == {other: ["node2"]}
+    led.release(second)  # node1 whole again, node2 has 1 CPU free
+    tiny = led.request(1, 1)
+    assert led.assign() == {tiny: ["node2"]}  # the fullest node that holds it, not the first
 
 
 def test_first_in_first_out_no_overtaking():
