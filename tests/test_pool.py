@@ -13,14 +13,14 @@ from functools import partial
 import pytest
 
 from conftest import askap_jobs
-from test_faults import flow_runs, wait_for
+from test_faults import flow_runs, in_parent_flow, wait_for
 
 pytestmark = pytest.mark.slurm
 
 
 def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
     from askap_flows import allocation
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.flows import mpi_subflow
     from askap_flows.pool import PoolError
 
     tag = uuid.uuid4().hex[:6]
@@ -40,7 +40,7 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
                  for i in range(3)]
         calls += [partial(mpi_subflow, small, pool=pool, name=f"pool-small{i}-{tag}")
                   for i in range(2)]
-        out = run_subflows(calls, max_concurrent=5)
+        out = in_parent_flow(calls, 5)  # Prefect 2: sub-flows in threads need a parent flow
     for o in out:
         assert o.ok, o.error
         res = o.value
@@ -153,7 +153,7 @@ def test_a_dead_node_fails_only_its_steps_and_a_retry_runs_on_the_others(tmp_pat
     import threading
 
     from askap_flows import allocation
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.flows import mpi_subflow
     from test_faults import TESTBED, waiter
 
     flag = tmp_path / "go"
@@ -168,8 +168,8 @@ def test_a_dead_node_fails_only_its_steps_and_a_retry_runs_on_the_others(tmp_pat
                          pool=pool, program=program, name=f"ptarget-{tag}", retries=1)
         sibling = partial(mpi_subflow, {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
                           pool=pool, program=program, name=f"psibling-{tag}")
-        runner = threading.Thread(target=lambda: result.update(out=run_subflows([target, sibling],
-                                                                                max_concurrent=2)))
+        runner = threading.Thread(target=lambda: result.update(out=in_parent_flow([target, sibling],
+                                                                                  2)))
         runner.start()
         try:
             def placed():
