@@ -139,6 +139,58 @@ def run_subflow_batch(n: int, program: str, tag: str) -> dict:
                         for o in outcomes if o.ok]}
 
 
+# --------------------------------------------------------------------------- through a pool
+POOL = {"nodes": 3, "ntasks_per_node": 4, "walltime": "00:20:00", "job_name_prefix": PREFIX}
+
+
+def run_pool_batch(n: int, program: str, tag: str, pool=None) -> dict:
+    """n ``mpi_subflow(..., pool=...)`` calls at once inside one parent flow: through ``pool``
+    (warm: its job already runs) or through a pool opened and closed inside the timing (cold)."""
+    from contextlib import nullcontext
+
+    from prefect import flow
+
+    from askap_flows import allocation
+    from askap_flows.flows import mpi_subflow, run_subflows
+
+    latencies: dict[int, float] = {}
+
+    def timed(held, i: int):
+        t = time.monotonic()
+        try:
+            return mpi_subflow(MPI, program=program, name=f"{PREFIX}-pool-{tag}-{i}", pool=held)
+        finally:
+            latencies[i] = time.monotonic() - t
+
+    @flow(name="bench-pool", validate_parameters=False)
+    def parent(count: int):
+        with (nullcontext(pool) if pool is not None else
+              allocation(profile="testbed", **POOL)) as held:
+            return run_subflows([functools.partial(timed, held, i) for i in range(count)],
+                                max_concurrent=count)
+
+    started = time.monotonic()
+    outcomes = parent(n)
+    wall = time.monotonic() - started
+    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
+              for o in outcomes if not o.ok]
+    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != MPI["ntasks"]]
+    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
+            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values())}
+
+
+def run_pool_kinds(n: int, program: str, tag: str) -> dict:
+    """pool_cold (the pool's start and end counted), then pool_warm and pool_warm_single through
+    a pool opened before the timing starts."""
+    from askap_flows import allocation
+
+    out = {"pool_cold": run_pool_batch(n, program, f"{tag}-cold")}
+    with allocation(profile="testbed", **POOL) as pool:
+        out["pool_warm"] = run_pool_batch(n, program, f"{tag}-warm", pool)
+        out["pool_warm_single"] = run_pool_batch(1, program, f"{tag}-warm1", pool)
+    return out
+
+
 # --------------------------------------------------------------------------- summary
 def summarize(samples: list[dict], key: str) -> dict:
     walls = [s["wall_seconds"] for s in samples]
@@ -172,6 +224,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 runs, 1 repetition, no warm-up or single-run comparison")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--pool", action="store_true",
+                   help="also run W through a warm allocation pool and a cold one (pool.py)")
     args = p.parse_args()
     if args.quick:
         args.runs, args.reps = 2, 1
@@ -213,11 +267,15 @@ def main() -> int:
                             run_floor(1, alloc, spec, program, work, f"{tag}-{r}-single")
                             if kind == "floor" else
                             run_subflow_batch(1, program, f"{tag}-{r}-single"))
+                if args.pool:  # the pool holds every node: measured apart from the others
+                    _bench.say(f"repetition {r + 1}/{args.reps}: pool (cold, warm) x {args.runs}")
+                    rep.update(run_pool_kinds(args.runs, program, f"{tag}-{r}"))
                 reps.append(rep)
     finally:
         cleanup_jobs()
     summary = {k: summarize([r[k] for r in reps if k in r], k)
-               for k in ("floor", "subflows", "floor_single", "subflows_single")
+               for k in ("floor", "subflows", "floor_single", "subflows_single", "pool_cold",
+                         "pool_warm", "pool_warm_single")
                if any(k in r for r in reps)}
     for kind in ("floor", "subflows"):
         summary[kind]["label"] = f"W = {args.runs} runs"
@@ -239,6 +297,12 @@ def main() -> int:
         "ratio_single": (ratio(summary["subflows_single"]["median_wall_seconds"],
                                summary["floor_single"]["median_wall_seconds"])
                          if "subflows_single" in summary else None),
+        "ratio_pool_warm": (ratio(summary["pool_warm"]["median_wall_seconds"],
+                                  summary["floor"]["median_wall_seconds"])
+                            if "pool_warm" in summary else None),
+        "ratio_pool_cold": (ratio(summary["pool_cold"]["median_wall_seconds"],
+                                  summary["floor"]["median_wall_seconds"])
+                            if "pool_cold" in summary else None),
         "subflow_breakdown": breakdown([r["subflows"] for r in reps]),
         "subflow_single_breakdown": (breakdown([r["subflows_single"] for r in reps])
                                      if "subflows_single" in summary else None),

@@ -132,7 +132,7 @@ def test_sdiag_parsing_counts_only_queries():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import controller_load
 
-    text = (ROOT / "tests" / "golden" / "sdiag.txt").read_text()
+    text = (ROOT / "tests" / "recorded" / "sdiag.txt").read_text()
     d = controller_load.parse_sdiag(text)
     assert d["by_type"]["REQUEST_JOB_INFO"] == 12 and d["by_user"] == {"root": 35}
     assert controller_load.queries(d["by_type"]) == {

@@ -7,7 +7,7 @@ from .errors import AskapFlowsError
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
 __all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
-           "mpi_subflow", "array_subflow", "run_subflows", "prefect_server"]
+           "mpi_subflow", "array_subflow", "run_subflows", "prefect_server", "allocation"]
 __version__ = "0.1.0"
 
 
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from . import flows
 
         return getattr(flows, name)
+    if name == "allocation":
+        from . import pool
+
+        return pool.allocation
     raise AttributeError(name)

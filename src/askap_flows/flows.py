@@ -195,6 +195,7 @@ def mpi_subflow(
     program: str | None = None,
     name: str | None = None,
     retries: int = 0,
+    pool=None,
 ) -> MPIRunResult:
     """Run an MPI program as a Prefect sub-flow on a Dask cluster built for this call.
 
@@ -210,6 +211,9 @@ def mpi_subflow(
             a node SLURM reports down): each retry is a new sub-flow run on a new cluster, whose
             job excludes the failed nodes (``--exclude``). A failing program, a cancel or a
             walltime is not retried.
+        pool: an open ``askap_flows.allocation(...)`` pool: run the step as an ``srun`` job step
+            on nodes of the pool's held job instead of building a cluster (``allocation`` and
+            ``backend`` are then not used; retries re-run on the pool's remaining nodes).
 
     Returns:
         MPIRunResult with the SLURM job id and nodes, the exit code, one record per rank, and
@@ -222,6 +226,8 @@ def mpi_subflow(
     """
     called = time.time()
     whole_number("retries", retries, minimum=0)
+    if pool is not None:  # a warm allocation (pool.py)
+        return pool.run_mpi(mpi_spec, program=program, name=name, retries=retries)
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":

@@ -1,0 +1,295 @@
+"""Warm allocations (opt-in): ONE held multi-node SLURM job with one Dask worker, whose nodes many
+MPI sub-flows share as ``srun --exact --nodelist ...`` job steps.
+
+``with allocation(profile=..., nodes=N, walltime=...) as pool:`` submits the job (reserved ports,
+tracked on the job board, ``--no-kill``, the worker exec'd: the hardening of a sub-flow's own
+cluster) and waits for its worker. ``mpi_subflow(..., pool=pool)`` then asks the pool's node ledger
+(ledger.py) for nodes, waits its turn there (first in, first out), and runs its step from a Dask
+task on the pool's worker (``launch.mpi_step``). Each step is its own Prefect flow run
+(``mpi-pool-step``) with the allocation's job id, its nodes and the pool's dashboard as artifacts.
+The job ends when the block ends (normally, on an exception, SIGINT or SIGTERM); after a SIGKILL
+``askap-flows cleanup`` finds it by its name (``<prefix>-pool-<token>``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
+import distributed
+
+from . import board, jobs, mpi, ports, runners, slurm, watch
+from .errors import AskapFlowsError
+from .host import log_dir as job_log_dir
+from .ledger import LedgerError, NodeLedger
+from .spec import AllocationSpec, MPISpec, build_specs, resolve_allocation, walltime_seconds
+
+log = logging.getLogger("askap_flows")
+_pools: dict[str, "Pool"] = {}  # job name -> open pool (flow parameters carry the name only)
+
+
+def get(name: str) -> "Pool | None":
+    """The open pool of this job name (None once its block ended)."""
+    return _pools.get(name)
+
+
+class PoolError(AskapFlowsError, RuntimeError):
+    """A step the pool refuses (too large, too long for the time left) or a pool that failed."""
+
+
+# --------------------------------------------------------------------------- pure renderers
+def step_cpus(spec: MPISpec) -> int:
+    """CPUs a step takes on each of its nodes: its ranks per node x cpus_per_task."""
+    per_node = spec.ntasks_per_node or -(-spec.ntasks // spec.nodes)
+    return per_node * (spec.cpus_per_task or 1)
+
+
+def step_spec(spec: MPISpec, nodes: list[str]) -> MPISpec:
+    """The spec of a step inside the pool's job: srun on exactly the assigned nodes and CPUs."""
+    extra = ("--exact", f"--nodelist={','.join(nodes)}")
+    return dataclasses.replace(spec, launcher="srun", launcher_args=extra + spec.launcher_args)
+
+
+def step_command(spec: MPISpec, program: str, nodes: list[str]) -> list[str]:
+    """The command line a pooled step runs (what ``launch.mpi_step`` will run for it)."""
+    return mpi.launch_command(step_spec(spec, nodes), program)
+
+
+def pool_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_dir, ports_=(0, 0)) -> dict:
+    """SLURMCluster arguments of the pool's job: a sub-flow's, plus ``--no-kill`` (a dead node
+    fails only the steps on it) and a worker thread for every step that can run at once."""
+    cpus = alloc.ntasks_per_node * alloc.cpus_per_task
+    alloc = dataclasses.replace(alloc, cores=max(alloc.cores, alloc.nodes * cpus))
+    kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=ports_[0],
+                                      dashboard_port=ports_[1])
+    kwargs["job_extra_directives"] = ["--no-kill"] + kwargs["job_extra_directives"]
+    return kwargs
+
+
+# --------------------------------------------------------------------------- the pool
+class Pool:
+    """An open allocation: its job, its worker's client, its nodes' ledger, its deadline."""
+
+    def __init__(self, alloc: AllocationSpec, profile, handle: jobs.RunHandle, client,
+                 job_id: str, nodes: list[str], deadline: float, dashboard: str | None) -> None:
+        self.alloc, self.profile, self.handle, self.client = alloc, profile, handle, client
+        self.job_id, self.deadline, self.dashboard = job_id, deadline, dashboard
+        self.ledger = NodeLedger(nodes, alloc.ntasks_per_node * alloc.cpus_per_task)
+        self._cond = threading.Condition()
+        self._failed: dict[int, str] = {}  # ticket -> why it can no longer run
+        self._steps = 0
+
+    @property
+    def job_name(self) -> str:
+        return self.handle.job_name or ""
+
+    @property
+    def nodes(self) -> list[str]:
+        with self._cond:
+            return self.ledger.nodes
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    def __repr__(self) -> str:
+        return f"<Pool job {self.job_id} ({self.job_name}) nodes {','.join(self.nodes)}>"
+
+    def check_step(self, spec: MPISpec) -> None:
+        """Refuse at once a step that can never run here, or not before the walltime."""
+        with self._cond:
+            why = self.ledger.why_never(spec.nodes, step_cpus(spec))
+        if why:
+            raise PoolError(
+                f"{why} (SLURM job {self.job_id}, {self.job_name}): it can never run in this pool. "
+                "Open the pool with more nodes or a larger ntasks_per_node, or ask for fewer "
+                "nodes or ranks.")
+        left = self.time_left()
+        if spec.timeout is not None and spec.timeout > left:
+            raise PoolError(
+                f"the step may run for up to {spec.timeout:g} s (MPISpec.timeout) but the pool's "
+                f"allocation (SLURM job {self.job_id}, walltime {self.alloc.walltime}) ends in "
+                f"{max(left, 0):.0f} s: SLURM would kill it half-way. Give the step a shorter "
+                "timeout, or open the pool with a longer walltime.")
+
+    def acquire(self, spec: MPISpec, logger) -> tuple[int, list[str]]:
+        """Wait (first in, first out) for nodes for this step; (ticket, nodes)."""
+        with self._cond:
+            try:
+                ticket = self.ledger.request(spec.nodes, step_cpus(spec))
+            except LedgerError as exc:
+                raise PoolError(f"{exc}: it can never run in this pool.") from None
+            said = False
+            while True:
+                self._assign()
+                if ticket in self._failed:
+                    raise PoolError(self._failed.pop(ticket))
+                if ticket in self.ledger.running:
+                    nodes = list(self.ledger.running[ticket])
+                    break
+                if runners.shutting_down.is_set() or self.job_name not in _pools:
+                    self.ledger.release(ticket)
+                    raise PoolError(f"the pool {self.job_name} closed while the step waited")
+                if not said:
+                    logger.info("waiting for %d node(s) x %d CPU(s) in pool %s (%d step(s) ahead)",
+                                spec.nodes, step_cpus(spec), self.job_id,
+                                self.ledger.waiting(ticket))
+                    said = True
+                self._cond.wait(1.0)
+        try:
+            self.check_step(spec)  # it may have waited past the point where it can finish
+        except PoolError:
+            self.release(ticket)
+            raise
+        return ticket, nodes
+
+    def _assign(self) -> None:
+        if self.ledger.assign():
+            self._cond.notify_all()
+
+    def release(self, ticket: int) -> None:
+        with self._cond:
+            self.ledger.release(ticket)
+            self._assign()
+            self._cond.notify_all()
+
+    def drop(self, nodes: list[str]) -> None:
+        """Nodes died: no step is placed on them again; queued steps that no longer fit fail."""
+        with self._cond:
+            for node in nodes:
+                if node not in self.ledger.free:
+                    continue
+                _, never = self.ledger.drop(node)
+                log.warning("pool %s: node %s failed and is no longer used", self.job_id, node)
+                for t in never:
+                    self.ledger.release(t)
+                    self._failed[t] = (f"pool {self.job_id} lost node {node}; the step no longer "
+                                       f"fits on its nodes {','.join(self.ledger.nodes)}")
+            self._cond.notify_all()
+
+    def run_mpi(self, mpi_spec: MPISpec | Mapping[str, Any] | None, program: str | None = None,
+                name: str | None = None, retries: int = 0):
+        """One MPI sub-flow in this pool (``mpi_subflow(..., pool=pool)`` calls this)."""
+        from .pool_step import pool_step
+
+        spec = mpi_spec if isinstance(mpi_spec, MPISpec) else build_specs(
+            self.profile, mpi=mpi_spec, check=False)[1]
+        spec = dataclasses.replace(spec, launcher="srun")
+        self.check_step(spec)
+        prog, check_ranks = mpi.resolve_program(spec, program)
+        with self._cond:
+            self._steps += 1
+            label = name or f"{self.job_name}-step{self._steps}"
+        attempt = 0
+        while True:
+            run_name = f"{label}-retry{attempt}" if attempt else label
+            try:
+                return pool_step.with_options(flow_run_name=run_name)(
+                    spec=spec, program=prog, check_ranks=check_ranks, pool_name=self.job_name,
+                    name=run_name)
+            except slurm.JobLost as exc:
+                if attempt >= retries or not exc.retryable or runners.shutting_down.is_set():
+                    raise
+                attempt += 1
+                log.warning("step %s lost node(s) %s; retry %d of %d on the pool's nodes %s",
+                            run_name, ",".join(exc.failed_nodes) or "?", attempt, retries,
+                            ",".join(self.nodes))
+
+
+# --------------------------------------------------------------------------- the allocation
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def allocation(profile: str | os.PathLike | None = None, nodes: int | None = None,
+               walltime: str | None = None, backend: str = "slurm",
+               **allocation_fields: Any) -> Iterator[Pool]:
+    """Hold ONE multi-node SLURM job with one Dask worker for the MPI sub-flows of the block.
+
+    Args:
+        profile: packaged profile name or YAML path (its ``allocation`` section).
+        nodes, walltime: the job's size and time limit (over the profile's).
+        backend: only "slurm" (a local pool would hold nothing).
+        allocation_fields: more AllocationSpec fields (e.g. ``ntasks_per_node=4``).
+
+    Yields the Pool; pass it as ``mpi_subflow(..., pool=pool)``. The job is cancelled when the
+    block ends, however it ends.
+    """
+    if backend != "slurm":
+        raise PoolError(f"allocation(backend={backend!r}): a pool holds a SLURM job; use "
+                        "backend='slurm', or call mpi_subflow without pool= for local runs.")
+    over = {**allocation_fields, "nodes": nodes, "walltime": walltime}
+    alloc = resolve_allocation(over, profile, backend)
+    slurm.check_available()
+    runners.import_dashboard()
+    token = uuid.uuid4().hex[:10]
+    job_name, log_dir = f"{alloc.job_name_prefix}-pool-{token}", job_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    slurm.test_submit(slurm.render_job_script(
+        pool_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-pool-check", log_dir)))
+    handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend)
+    b = board.board()
+    old = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        old = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so that `finally` runs
+    cluster = client = None
+    with ports.reserve(2, slurm.scheduler_host(alloc)) as held:
+        b.track(job_name)
+        try:
+            submitted = time.time()
+            cluster = dask_jobqueue.SLURMCluster(**pool_cluster_kwargs(alloc, job_name, log_dir,
+                                                                       held.ports),
+                                                 job_cls=jobs.BoardJob)
+            client = distributed.Client(cluster)
+            _wait_for_worker(client, handle)
+            # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
+            env = {k: next(iter(client.run(os.getenv, k).values()))
+                   for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
+            nodes = slurm.hostnames(env["SLURM_JOB_NODELIST"])
+            dashboard = runners.dashboard_url(client)
+            pool = Pool(alloc, profile, handle, client, env["SLURM_JOB_ID"], nodes,
+                        submitted + walltime_seconds(alloc.walltime), dashboard)
+            log.info("allocation pool: SLURM job %s (%s) on %s; Dask dashboard %s",
+                     pool.job_id, job_name, ",".join(nodes), dashboard)
+            _pools[job_name] = pool
+            yield pool
+        finally:
+            _pools.pop(job_name, None)
+            try:
+                for closing in (client, cluster):
+                    try:
+                        if closing is not None:
+                            closing.close()
+                    except Exception:  # noqa: BLE001 - the cancel below ends the job anyway
+                        pass
+                jobs.cancel_named(job_name)
+            finally:
+                b.untrack(job_name)
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
+
+
+def _wait_for_worker(client, handle: jobs.RunHandle) -> None:
+    """Until the pool's worker connected; SlurmError/JobLost when its job cannot start or ended."""
+    b, started = board.board(), time.monotonic()
+    while not client.scheduler_info().get("workers"):
+        b.check()
+        job, waited = handle.job(), time.monotonic() - started
+        if job is not None and job.ended:
+            raise watch.job_lost(job, handle)
+        if waited > handle.start_timeout:
+            state = f"{job.state} ({job.reason})" if job else "not seen in squeue"
+            raise slurm.SlurmError(
+                f"the pool's job {handle.job_name} has no Dask worker after "
+                f"{handle.start_timeout:g} s (job {state}). The cluster may be full or the request "
+                f"too large; raise start_timeout or ask for fewer nodes. Logs: {handle.log_dir}")
+        time.sleep(0.2)

@@ -1,0 +1,83 @@
+"""One MPI step in a warm allocation (pool.py), as its own Prefect sub-flow run.
+
+The flow (``mpi-pool-step``) waits for nodes in the pool's ledger, runs the step from a Dask task
+on the pool's worker (``launch.mpi_step`` with ``srun --exact --nodelist ...``), writes its lines
+to the task's log, and records the allocation's job id, its nodes and the pool's dashboard. A step
+whose node died fails with JobLost naming the node, and the pool stops using that node.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact
+
+from . import launch, runners, slurm, watch
+from .flows import LineCount, MPIRunResult, _record_job
+from .pool import PoolError, get, step_spec
+from .spec import MPISpec
+
+
+@task(name="mpi-pool-run")
+def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
+             nodes: list[str]) -> dict:
+    """The step, launched from a Dask task on the pool's worker; its lines to this task's log."""
+    pool, logger = get(pool_name), get_run_logger()
+    topic, relayed = f"askap-mpi-{uuid.uuid4().hex}", LineCount()
+
+    def relay(event) -> None:
+        msg = event[1]
+        (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
+        relayed.add()
+
+    pool.client.subscribe_topic(topic, relay)
+    try:
+        future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes), program, check_ranks,
+                                    topic, pure=False)
+        job = watch.watch_job(future, pool.handle, logger, runners.shutting_down.is_set)
+        try:
+            data = future.result()
+        except Exception as exc:
+            relayed.wait_for(None, quiet_after=1.0)
+            failed, _ = slurm.node_problems(nodes)
+            if not failed:
+                return watch.result(future, job, pool.handle)  # the program's error, or the job's
+            pool.drop(list(failed))
+            which = "; ".join(f"{n} is {p}" for n, p in failed.items())
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise slurm.JobLost(
+                f"the MPI step on {','.join(nodes)} in pool job {pool.job_id} ({pool.job_name}) "
+                f"lost node(s) {','.join(failed)} ({which}). The pool no longer uses them; pass "
+                "retries=N to mpi_subflow to re-run the step on the pool's other nodes. The "
+                f"task's own error: {type(exc).__name__}: {first}", job_id=pool.job_id,
+                state="NODE_FAIL", reason=which, nodes=nodes, failed_nodes=list(failed)) from exc
+        relayed.wait_for(data["lines"], quiet_after=5.0)
+        return data
+    finally:
+        pool.client.unsubscribe_topic(topic)
+
+
+@flow(name="mpi-pool-step", validate_parameters=False)
+def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str):
+    called = time.time()
+    pool, logger = get(pool_name), get_run_logger()
+    if pool is None:
+        raise PoolError(f"the pool {pool_name} is closed: run its steps inside its `with` block")
+    if pool.dashboard:
+        create_link_artifact(link=pool.dashboard, link_text="Dask dashboard (pool)",
+                             description=f"Dask dashboard of pool job {pool.job_id}.")
+    ticket, nodes = pool.acquire(spec, logger)
+    started = time.time()
+    try:
+        logger.info("step of pool job %s on %s", pool.job_id, ",".join(nodes))
+        data = run_step(spec, program, check_ranks, pool_name, nodes)
+    finally:
+        pool.release(ticket)
+    _record_job(pool.job_id, pool.job_name, nodes, pool.dashboard)
+    return MPIRunResult(
+        name=name, backend="slurm", job_id=pool.job_id, nodes=nodes, dashboard=pool.dashboard,
+        exit_code=data["exit_code"], seconds=data["seconds"], command=data["command"],
+        ranks=data["ranks"], timings={"queue_wait": started - called, "srun": data["seconds"],
+                                      "total": time.time() - called})

@@ -1,0 +1,208 @@
+"""Warm allocations on the real test bed: many MPI sub-flows as job steps of one held job."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from functools import partial
+
+import pytest
+
+from conftest import askap_jobs
+from test_faults import flow_runs, in_parent_flow, wait_for
+
+pytestmark = pytest.mark.slurm
+
+
+def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
+    from askap_flows import allocation
+    from askap_flows.flows import mpi_subflow
+    from askap_flows.pool import PoolError
+
+    tag = uuid.uuid4().hex[:6]
+    wide = {"nodes": 2, "ntasks": 8, "ntasks_per_node": 4}
+    small = {"nodes": 1, "ntasks": 2, "ntasks_per_node": 2}
+    with allocation(profile="testbed", nodes=3, walltime="00:10:00", ntasks_per_node=4) as pool:
+        assert pool.nodes == ["node1", "node2", "node3"]
+        job_id = pool.job_id
+        started = time.monotonic()
+        with pytest.raises(PoolError, match=r"needs 4 node\(s\) with 1 CPU\(s\) each, but the pool "
+                                            r"has 3 node\(s\) with 4 CPU\(s\) each"):
+            mpi_subflow({"nodes": 4, "ntasks": 4, "ntasks_per_node": 1}, pool=pool)
+        with pytest.raises(PoolError, match=r"up to 3600 s \(MPISpec.timeout\).* ends in"):
+            mpi_subflow({**small, "timeout": 3600}, pool=pool)
+        assert time.monotonic() - started < 5, "refusals must not wait for nodes"
+        calls = [partial(mpi_subflow, wide, pool=pool, name=f"pool-wide{i}-{tag}")
+                 for i in range(3)]
+        calls += [partial(mpi_subflow, small, pool=pool, name=f"pool-small{i}-{tag}")
+                  for i in range(2)]
+        out = in_parent_flow(calls, 5)  # Prefect 2: sub-flows in threads need a parent flow
+    for o in out:
+        assert o.ok, o.error
+        res = o.value
+        assert res.job_id == job_id  # every step ran inside the one held job
+        assert {r.processor for r in res.ranks} == set(res.nodes)  # on the nodes it was given
+        assert "--exact" in res.command and f"--nodelist={','.join(res.nodes)}" in res.command
+        n = 8 if "wide" in res.name else 2
+        assert len(res.ranks) == n and {r.size for r in res.ranks} == {n}
+    assert [len(o.value.nodes) for o in out] == [2, 2, 2, 1, 1]
+    runs = flow_runs([f"pool-wide0-{tag}", f"pool-small1-{tag}"])
+    assert {r["state_type"] for r in runs.values()} == {"COMPLETED"}, runs
+    from test_faults import _api
+
+    artifacts = _api("/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [runs[f"pool-wide0-{tag}"]["id"]]}}})
+    table = next(a for a in artifacts if a["type"] == "table")
+    assert f"SLURM job {job_id}" in table["description"]
+    assert all(n in str(table["data"]) for n in out[0].value.nodes), table["data"]
+    assert any(a["type"] != "table" and out[0].value.dashboard in str(a["data"])
+               for a in artifacts), artifacts  # the pool's dashboard link
+    queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                            text=True).stdout.strip()
+    assert queued in ("", "COMPLETING", "CANCELLED", "COMPLETED"), queued
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from askap_flows import allocation
+    with allocation(profile="testbed", nodes=1, walltime="00:05:00",
+                    job_name_prefix=sys.argv[1]) as pool:
+        print("READY", pool.job_id, flush=True)
+        if sys.argv[2] == "raise":
+            raise RuntimeError("boom in the block")
+        time.sleep(120)
+""")
+
+
+def _holder(tmp_path, prefix: str, how: str) -> subprocess.Popen:
+    path = tmp_path / "holder.py"
+    path.write_text(HOLDER)
+    return subprocess.Popen([sys.executable, str(path), prefix, how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def _ready(proc) -> str:
+    line = proc.stdout.readline()
+    assert line.startswith("READY"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return line.split()[1]
+
+
+def test_allocation_ends_with_an_exception_sigterm_and_sigint(tmp_path, no_jobs_left):
+    tag = uuid.uuid4().hex[:6]
+    for how, sig in (("raise", None), ("term", signal.SIGTERM), ("int", signal.SIGINT)):
+        prefix = f"pool{how}{tag}"
+        proc = _holder(tmp_path, prefix, how)
+        try:
+            _ready(proc)
+            assert len(askap_jobs(prefix)) == 1
+            if sig is not None:
+                proc.send_signal(sig)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err = proc.stderr.read()
+        # (SIGINT: dask_jobqueue 0.9 turns it into sys.exit(), which exits 0)
+        assert proc.returncode != 0 or how == "int", err
+        if how == "raise":
+            assert "boom in the block" in err
+        wait_for(lambda: askap_jobs(prefix) == [], 30, f"{how}: the pool's job outlived its block")
+
+
+def test_sigkilled_pool_is_found_by_cleanup(tmp_path, no_jobs_left):
+    """`cleanup` lists a pool's job by its name; after a SIGKILL the job is gone, by itself (its
+    worker closes when its scheduler, in the killed process, vanishes) or by `cleanup --yes`."""
+    prefix = f"poolkill{uuid.uuid4().hex[:6]}"
+    proc = _holder(tmp_path, prefix, "kill")
+    cli = [sys.executable, "-m", "askap_flows.cli", "cleanup", "--prefix", prefix]
+    try:
+        job_id = _ready(proc)
+        listed = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert "1 SLURM job(s)" in listed.stdout and f"{prefix}-pool-" in listed.stdout, listed
+        assert job_id in listed.stdout
+        proc.kill()
+        proc.wait(timeout=30)
+        done = subprocess.run(cli + ["--yes"], capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "cancelled 1 job(s)" in done.stdout or "no SLURM jobs" in done.stdout, done.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if askap_jobs(prefix):
+            subprocess.run(["scancel", "--name", askap_jobs(prefix)[0].split()[0]])
+    wait_for(lambda: askap_jobs(prefix) == [], 30, "the pool's job is still queued")
+
+
+def test_pool_example_pipeline_runs(tmp_path, hello_program, no_jobs_left):
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_pipeline.py"), "testbed"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lines = [x.split() for x in r.stdout.splitlines() if x[:1].isdigit()]
+    assert len(lines) == 8 and {x[1] for x in lines} == {"ok"}, r.stdout
+    assert len({x[2] for x in lines}) == 1  # one SLURM job for all eight
+
+
+def test_a_dead_node_fails_only_its_steps_and_a_retry_runs_on_the_others(tmp_path, hello_program,
+                                                                        no_jobs_left):
+    import threading
+
+    from askap_flows import allocation
+    from askap_flows.flows import mpi_subflow
+    from test_faults import TESTBED, waiter
+
+    flag = tmp_path / "go"
+    program = waiter(tmp_path, hello_program, flag)
+    tag = uuid.uuid4().hex[:6]
+    result: dict = {}
+    killed = False
+    with allocation(profile="testbed", nodes=3, walltime="00:10:00", ntasks_per_node=4) as pool:
+        # best fit: the target gets node1+node2, the sibling joins it on node1; node2 then dies
+        # (node1 runs the pool's worker: its death would end the whole pool)
+        target = partial(mpi_subflow, {"nodes": 2, "ntasks": 2, "ntasks_per_node": 1},
+                         pool=pool, program=program, name=f"ptarget-{tag}", retries=1)
+        sibling = partial(mpi_subflow, {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
+                          pool=pool, program=program, name=f"psibling-{tag}")
+        runner = threading.Thread(target=lambda: result.update(out=in_parent_flow([target, sibling],
+                                                                                  2)))
+        runner.start()
+        try:
+            def placed():
+                running = list(pool.ledger.running.values())
+                return len(running) == 2 and running
+
+            held = wait_for(placed, 120, "the two steps were never placed")
+            target_nodes = next(list(h) for h in held if len(h) == 2)
+            sibling_node = next(list(h) for h in held if len(h) == 1)[0]
+            victim = next(n for n in target_nodes if n not in ("node1", sibling_node))
+            time.sleep(2)  # let both steps' sruns start
+            subprocess.run(["bash", str(TESTBED), "kill-node", victim[4:], "--down-now"],
+                           check=True, capture_output=True)
+            killed = victim
+            wait_for(lambda: victim not in pool.nodes, 90, "the pool did not drop the dead node")
+            flag.touch()
+            runner.join(timeout=180)
+            assert not runner.is_alive(), "the steps hang after the node died"
+            assert pool.nodes == [n for n in ("node1", "node2", "node3") if n != victim]
+        finally:
+            flag.touch()
+            runner.join(timeout=180)
+            if killed:
+                subprocess.run(["bash", str(TESTBED), "revive-node", killed[4:]], check=True,
+                               capture_output=True)
+    target_out, sibling_out = result["out"]
+    assert target_out.ok, target_out.error
+    assert sibling_out.ok, sibling_out.error
+    assert victim not in target_out.value.nodes and target_out.value.job_id == pool.job_id
+    assert sibling_out.value.nodes == [sibling_node]
+    runs = flow_runs([f"ptarget-{tag}", f"ptarget-{tag}-retry1"])
+    first, retry = runs[f"ptarget-{tag}"], runs[f"ptarget-{tag}-retry1"]
+    assert first["state_type"] == "FAILED" and retry["state_type"] == "COMPLETED"
+    message = first["state"]["message"]
+    assert f"lost node(s) {victim}" in message and pool.job_id in message, message
+    assert "retries=N" in message
