@@ -20,8 +20,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from . import shell
 from .slurm import SlurmError
@@ -81,11 +81,13 @@ def poll_settings(env: dict | None = None) -> tuple[float, float, float]:
     low, high = DEFAULT_POLL
     try:
         if text:
-            low, high = (float(x) for x in text.split("-", 1)) if "-" in text else (float(text),) * 2
+            parts = text.split("-", 1) if "-" in text else [text, text]
+            low, high = (float(x) for x in parts)
         grace = float(env.get(GRACE_ENV, "").strip() or DEFAULT_GRACE)
     except ValueError:
         raise ValueError(f"{POLL_ENV}={text!r} / {GRACE_ENV}={env.get(GRACE_ENV)!r}: use "
-                         f"{POLL_ENV}=LOW-HIGH seconds (e.g. 1-3) and {GRACE_ENV}=SECONDS.") from None
+                         f"{POLL_ENV}=LOW-HIGH seconds (e.g. 1-3) and {GRACE_ENV}=SECONDS."
+                         ) from None
     if not (0.1 <= low <= high) or grace < 0:
         raise ValueError(f"{POLL_ENV}={text!r}: need 0.1 <= LOW <= HIGH; {GRACE_ENV} >= 0.")
     return low, high, grace

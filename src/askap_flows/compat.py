@@ -101,7 +101,8 @@ def known_migrations(dialect: str) -> set[str]:
     if not found:  # Prefect moved its migrations: refusing every database would be the result
         raise RuntimeError(
             f"askap_flows found no {dialect} migrations of Prefect {PREFECT_VERSION} in {folder}: "
-            "this Prefect version keeps them elsewhere, so the database's version cannot be checked. "
+            "this Prefect version keeps them elsewhere, so the database's version cannot be "
+            "checked. "
             "Use a Prefect version of package_list.txt, or report it to askap_flows "
             "(compat.known_migrations).")
     return found
@@ -155,5 +156,6 @@ def cancel_future(future) -> None:
             return
         except KeyError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"task future {future.key} never reached Dask: cannot cancel it")
+                raise RuntimeError(
+                    f"task future {future.key} never reached Dask: cannot cancel it") from None
             time.sleep(0.05)

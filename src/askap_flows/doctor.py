@@ -14,9 +14,10 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from . import database, host, mpi, ports, shell
 from .spec import AllocationSpec, MPISpec, SpecError

@@ -14,17 +14,25 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, launch, mpi, runners, slurm, watch
 from .jobs import RunHandle
-from .spec import (AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs,
-                   whole_number)
+from .spec import (
+    AllocationSpec,
+    MPISpec,
+    excluding_nodes,
+    resolve_allocation,
+    resolve_specs,
+    whole_number,
+)
+
 
 @dataclass
 class MPIRunResult:
@@ -177,7 +185,7 @@ def _cluster_started(job_name: str | None, logger) -> str | None:
 
 
 def _record_job(job_id: str, job_name: str | None, nodes: list[str], dashboard: str | None) -> None:
-    """The SLURM job of this sub-flow run, as a table on the flow run (visible in the Prefect UI)."""
+    """The SLURM job of this sub-flow run, as a table on the flow run (shown in the Prefect UI)."""
     create_table_artifact(
         table=[{"slurm_job_id": job_id, "job_name": job_name or "", "nodes": ",".join(nodes),
                 "dashboard": dashboard or ""}],
@@ -231,8 +239,8 @@ def mpi_subflow(
         label = name and (f"{name}-retry{attempt}" if attempt else name)
         try:
             with runners.cluster_for_run(alloc, backend) as run:
-                sub = _mpi_flow.with_options(task_runner=run.runner,
-                                             flow_run_name=label or run.job_name or f"mpi-{run.token}")
+                name = label or run.job_name or f"mpi-{run.token}"
+                sub = _mpi_flow.with_options(task_runner=run.runner, flow_run_name=name)
                 invoked = time.time()
                 result = sub(spec=spec, program=prog, check_ranks=check_ranks, run=run.handle)
             result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
@@ -357,13 +365,15 @@ def run_subflows(
     calls = list(calls)
     for i, c in enumerate(calls):
         if not callable(c):
-            raise TypeError(f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
+            raise TypeError(
+                f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
     limit = compat.MAX_CONCURRENT_SUBFLOWS
     if limit is not None and max_concurrent > limit and len(calls) > limit:
         logging.getLogger("askap_flows").warning(
             "running at most %d of the %d sub-flows at once, not %d: Prefect %s runs every flow "
             "run on one event-loop thread and stalled with 140 at once (benchmarks/README.md). "
-            "Prefect 3 has no such limit.", limit, len(calls), max_concurrent, compat.PREFECT_VERSION)
+            "Prefect 3 has no such limit.",
+            limit, len(calls), max_concurrent, compat.PREFECT_VERSION)
         max_concurrent = limit
 
     def one(i: int, call: Callable[[], Any], ctx: contextvars.Context) -> Outcome:
