@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import shell
@@ -74,7 +74,7 @@ def parse_squeue(text: str) -> list[JobState]:
     return jobs
 
 
-def poll_settings(env: dict | None = None) -> tuple[float, float, float]:
+def poll_settings(env: Mapping[str, str] | None = None) -> tuple[float, float, float]:
     """(low, high, grace) from the environment, with a message that names a malformed value."""
     env = os.environ if env is None else env
     text = env.get(POLL_ENV, "").strip()

@@ -386,18 +386,21 @@ def _server_settings(api_url: str) -> Mapping[str, Any] | None:
 def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
     cluster = ["-M", alloc.clusters] if alloc.clusters else []
     if shutil.which("sinfo") is None:
+        res = None
         rows = [sinfo_check(None, "sinfo is not on PATH")]
     else:
         res = _run(["sinfo", *cluster, "-h", "-o", "%P|%a|%D"], timeout=20)
         rows = [sinfo_check(res, "sinfo timed out after 20 s: the controller does not answer")]
-    if rows[0].status == FAIL:
+    if res is None or rows[0].status == FAIL:
         return rows + [Check(n, SKIP, "SLURM does not answer")
                        for n in ("partition", "account", "reservation", "MPI plugin")]
     rows.append(partition_check(alloc.partition, alloc.nodes, res.stdout))
-    rows.append(account_check(alloc.account, alloc.account and _run(
-        ["sacctmgr", "-n", "-P", "show", "account", alloc.account, "format=Account"])))
-    rows.append(reservation_check(alloc.reservation, alloc.reservation and _run(
-        ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation])))
+    rows.append(account_check(alloc.account, _run(
+        ["sacctmgr", "-n", "-P", "show", "account", alloc.account, "format=Account"])
+        if alloc.account else None))
+    rows.append(reservation_check(alloc.reservation, _run(
+        ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation])
+        if alloc.reservation else None))
     listed = _run(["srun", "--mpi=list"])
     flavour, source = program_flavour(spec)
     mpi_list = None if listed is None or listed.returncode != 0 else listed.stdout + listed.stderr

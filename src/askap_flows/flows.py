@@ -180,13 +180,15 @@ def _cluster_started(job_name: str | None, logger) -> str | None:
         logger.info("Dask dashboard of this sub-flow: %s", dashboard)
         description = f"Dask dashboard of this sub-flow's cluster (SLURM job name `{job_name}`)." \
             if job_name else "Dask dashboard of this sub-flow's local cluster."
-        create_link_artifact(link=dashboard, link_text="Dask dashboard", description=description)
+        # ignore: Prefect 2 types it a coroutine; its @sync_compatible runs it here, synchronously
+        create_link_artifact(link=dashboard, link_text="Dask dashboard", description=description)  # type: ignore[unused-coroutine, unused-ignore]
     return dashboard
 
 
 def _record_job(job_id: str, job_name: str | None, nodes: list[str], dashboard: str | None) -> None:
     """The SLURM job of this sub-flow run, as a table on the flow run (shown in the Prefect UI)."""
-    create_table_artifact(
+    # ignore: Prefect 2 types it a coroutine; its @sync_compatible runs it here, synchronously
+    create_table_artifact(  # type: ignore[unused-coroutine, unused-ignore]
         table=[{"slurm_job_id": job_id, "job_name": job_name or "", "nodes": ",".join(nodes),
                 "dashboard": dashboard or ""}],
         description=f"SLURM job {job_id} of this sub-flow",
@@ -239,8 +241,9 @@ def mpi_subflow(
         label = name and (f"{name}-retry{attempt}" if attempt else name)
         try:
             with runners.cluster_for_run(alloc, backend) as run:
-                name = label or run.job_name or f"mpi-{run.token}"
-                sub = _mpi_flow.with_options(task_runner=run.runner, flow_run_name=name)
+                run_name = label or run.job_name or f"mpi-{run.token}"
+                # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
+                sub = _mpi_flow.with_options(task_runner=run.runner, flow_run_name=run_name)  # type: ignore[arg-type, unused-ignore]
                 invoked = time.time()
                 result = sub(spec=spec, program=prog, check_ranks=check_ranks, run=run.handle)
             result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
@@ -332,7 +335,8 @@ def array_subflow(
         slurm.check_available()
     with runners.cluster_for_run(alloc, backend) as run:
         label = name or run.job_name or f"array-{run.token}"
-        sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)
+        # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
+        sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)  # type: ignore[arg-type, unused-ignore]
         return sub(n_arrays=n_arrays, size=size, seed=seed, run=run.handle, name=label)
 
 

@@ -316,7 +316,7 @@ def _run(args, alloc, spec, program, say) -> int:
         return run
 
     @flow(name="askap-pipeline", validate_parameters=False)
-    def pipeline(n: int, max_concurrent: int):
+    def pipeline(n: int, max_concurrent: int) -> list:  # of flows.Outcome
         calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
                                     profile=args.profile, program=program, name=names[i]))
                  for i in range(n)]

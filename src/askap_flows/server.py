@@ -23,10 +23,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import compat, database, shell
 from .database import sqlite_url  # noqa: F401 - also re-exported here
 from .errors import AskapFlowsError
+
+if TYPE_CHECKING:
+    import subprocess  # the type only: shell.py runs every command
 
 
 class ServerError(AskapFlowsError, RuntimeError):
@@ -63,7 +67,7 @@ class PrefectServer:
         self._fixed_port = port is not None
         self.log_path = Path(log_path or self.home / "server.log")
         self.start_timeout = start_timeout
-        self.proc = None  # the server process (subprocess.Popen) while it runs
+        self.proc: subprocess.Popen | None = None  # the server process while it runs
 
     @property
     def api_url(self) -> str:
@@ -81,7 +85,8 @@ class PrefectServer:
 
     def _start(self) -> PrefectServer:
         for attempt in range(3):
-            port = self.port if self._fixed_port else free_port(self.host)
+            fixed = self.port if self._fixed_port else None
+            port = fixed if fixed is not None else free_port(self.host)
             env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
             env.update(compat.server_settings(self.database_url))
             env.update(self.settings)

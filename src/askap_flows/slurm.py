@@ -201,7 +201,8 @@ def jobs_with_prefix(prefix: str) -> list[tuple[str, str, str, str]]:
     """(job id, name, state, nodes) of this user's jobs whose name starts with ``prefix-``."""
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     out = _slurm(["squeue", "-h", "-u", user, "-o", "%i|%j|%T|%N"])
-    rows = [tuple(line.strip().split("|")) for line in out.splitlines() if line.count("|") == 3]
+    fields = (line.strip().split("|") for line in out.splitlines() if line.count("|") == 3)
+    rows = [(f[0], f[1], f[2], f[3]) for f in fields]
     return [r for r in rows if r[1].startswith(f"{prefix}-")]
 
 

@@ -322,7 +322,7 @@ def build_specs(
     sections = read_profile(profile)
     path = _profile_path(profile)
     where = f" (profile {path})" if path else ""
-    built = []
+    built: list[Any] = []  # [AllocationSpec, MPISpec]
     for name, cls, explicit in (("allocation", AllocationSpec, allocation), ("mpi", MPISpec, mpi)):
         try:
             built.append(cls(**{**sections[name], **_explicit(explicit)}))
