@@ -391,9 +391,10 @@ def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
     else:
         res = _run(["sinfo", *cluster, "-h", "-o", "%P|%a|%D"], timeout=20)
         rows = [sinfo_check(res, "sinfo timed out after 20 s: the controller does not answer")]
-    if res is None or rows[0].status == FAIL:
+    if rows[0].status == FAIL:
         return rows + [Check(n, SKIP, "SLURM does not answer")
                        for n in ("partition", "account", "reservation", "MPI plugin")]
+    assert res is not None  # rows[0] is OK: sinfo answered
     rows.append(partition_check(alloc.partition, alloc.nodes, res.stdout))
     rows.append(account_check(alloc.account, _run(
         ["sacctmgr", "-n", "-P", "show", "account", alloc.account, "format=Account"])
