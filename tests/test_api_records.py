@@ -13,8 +13,12 @@ pytestmark = pytest.mark.slurm
 
 async def _records(parent_id: str):
     from prefect import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                                FlowRunFilter, FlowRunFilterParentFlowRunId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     async with get_client() as client:
         parent = await client.read_flow_run(parent_id)

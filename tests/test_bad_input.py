@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_main
 
+
 def _no_traceback(r):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
 

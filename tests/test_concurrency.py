@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import askap_jobs, dask_workers, run_main
+from conftest import askap_jobs, dask_workers
 
 
 def _port(url):
@@ -92,7 +92,7 @@ def test_two_pipelines_started_together_share_no_port(tmp_path, hello_program):
                               cwd=tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     port_sets = []
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         port_sets.append({_port(s["dashboard"]) for s in json.loads(out)["subflows"]})
     assert len(port_sets[0]) == len(port_sets[1]) == 20

@@ -5,12 +5,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-
 from askap_flows import database, doctor
 from askap_flows.doctor import FAIL, OK, SKIP, WARN
 from askap_flows.shell import Completed
 from askap_flows.spec import MPISpec
+from conftest import ROOT
 
 
 def done(stdout="", stderr="", rc=0):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -120,9 +119,9 @@ def test_first_failure_names_the_cause_not_the_ranks_srun_terminated():
 
 @pytest.mark.unit
 def test_a_retry_excludes_every_failed_node_so_far():
-    from askap_flows.spec import excluding_nodes as _excluding
     from askap_flows.slurm import JobLost
     from askap_flows.spec import AllocationSpec
+    from askap_flows.spec import excluding_nodes as _excluding
 
     alloc = AllocationSpec(extra_directives=("--gres=gpu:1",))
     once = _excluding(alloc, ["node2"])

@@ -7,12 +7,11 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, run_main
-from test_doctor import doctor_cli, statuses
-
 from askap_flows import doctor, mpi
 from askap_flows.shell import CommandError
 from askap_flows.spec import PROFILE_DIR, MPISpec, build_specs
+from conftest import ROOT, run_main
+from test_doctor import doctor_cli, statuses
 
 OMPI_CC = "/usr/bin/mpicc.openmpi"
 

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, askap_jobs, run_main
-
 from askap_flows.progress import CLEAR, Progress, status_line
+from conftest import ROOT, askap_jobs, run_main
 
 
 @pytest.mark.unit

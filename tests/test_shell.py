@@ -12,8 +12,8 @@ def test_lines_are_streamed_as_they_come():
     seen = []
     t0 = time.monotonic()
     shell.run(["bash", "-c", "echo one; sleep 1; echo two >&2"],
-              on_line=lambda s, l: seen.append((s, l, time.monotonic() - t0)))
-    assert [(s, l) for s, l, _ in seen] == [("stdout", "one"), ("stderr", "two")]
+              on_line=lambda s, text: seen.append((s, text, time.monotonic() - t0)))
+    assert [(s, text) for s, text, _ in seen] == [("stdout", "one"), ("stderr", "two")]
     assert seen[0][2] < 0.9 <= seen[1][2]  # the first line arrived before the command ended
 
 

@@ -1,8 +1,17 @@
 import pytest
 
 from askap_flows.mpi import launch_command
-from askap_flows.spec import (AllocationSpec, MPISpec, SpecError, build_specs, check_fits,
-                              packaged_profiles, read_profile, resolve_specs, walltime_seconds)
+from askap_flows.spec import (
+    AllocationSpec,
+    MPISpec,
+    SpecError,
+    build_specs,
+    check_fits,
+    packaged_profiles,
+    read_profile,
+    resolve_specs,
+    walltime_seconds,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, askap_jobs
-
 from askap_flows import compat
+from conftest import IN_CI, ROOT, askap_jobs
 
 pytestmark = pytest.mark.slurm
 

@@ -22,8 +22,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from . import shell
 from .slurm import SlurmError
@@ -89,18 +89,20 @@ def parse_jobs(text: str, names: Iterable[str] | None = None) -> list[JobState]:
     return jobs
 
 
-def poll_settings(env: dict | None = None) -> tuple[float, float, float]:
+def poll_settings(env: Mapping[str, str] | None = None) -> tuple[float, float, float]:
     """(low, high, grace) from the environment, with a message that names a malformed value."""
     env = os.environ if env is None else env
     text = env.get(POLL_ENV, "").strip()
     low, high = DEFAULT_POLL
     try:
         if text:
-            low, high = (float(x) for x in text.split("-", 1)) if "-" in text else (float(text),) * 2
+            parts = text.split("-", 1) if "-" in text else [text, text]
+            low, high = (float(x) for x in parts)
         grace = float(env.get(GRACE_ENV, "").strip() or DEFAULT_GRACE)
     except ValueError:
         raise ValueError(f"{POLL_ENV}={text!r} / {GRACE_ENV}={env.get(GRACE_ENV)!r}: use "
-                         f"{POLL_ENV}=LOW-HIGH seconds (e.g. 1-3) and {GRACE_ENV}=SECONDS.") from None
+                         f"{POLL_ENV}=LOW-HIGH seconds (e.g. 1-3) and {GRACE_ENV}=SECONDS."
+                         ) from None
     if not (0.1 <= low <= high) or grace < 0:
         raise ValueError(f"{POLL_ENV}={text!r}: need 0.1 <= LOW <= HIGH; {GRACE_ENV} >= 0.")
     return low, high, grace

@@ -1,4 +1,7 @@
-"""``askap-flows``: helper commands around the sub-flows (the main job is ``python -m askap_flows.run``)."""
+"""``askap-flows``: helper commands around the sub-flows.
+
+(The main job is ``python -m askap_flows.run``.)
+"""
 
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ def cmd_cleanup(args) -> int:
     for _, name, _, _ in jobs:  # one scancel each; the process's job board watches them end
         cancel_named(name)
     left = slurm.jobs_with_prefix(args.prefix)
-    print(f"cancelled {len(jobs) - len(left)} job(s)" + (f"; {len(left)} still listed" if left else ""))
+    still = f"; {len(left)} still listed" if left else ""
+    print(f"cancelled {len(jobs) - len(left)} job(s){still}")
     return 1 if left else 0
 
 
@@ -112,7 +116,8 @@ def cmd_db_url(args) -> int:
     from . import database
 
     if args.host:
-        password = args.password or os.environ.get("ASKAP_PG_PASSWORD") or os.environ.get("PGPASSWORD")
+        password = (args.password or os.environ.get("ASKAP_PG_PASSWORD")
+                    or os.environ.get("PGPASSWORD"))
         if args.password_file:
             password = Path(args.password_file).read_text().strip()
         url = database.postgres_url(args.host, args.port, args.user, password, args.db)
@@ -175,10 +180,8 @@ def cmd_server(args) -> int:
     import socket
     import time
 
-    from . import database
+    from . import compat, database
     from .server import PrefectServer, ServerError
-
-    from . import compat
 
     home = Path(args.home or os.environ.get("PREFECT_HOME")
                 or mpi.askap_home() / f"prefect{compat.PREFECT_MAJOR}")
@@ -216,7 +219,8 @@ def cmd_server(args) -> int:
         server.stop()
         print("server stopped", file=sys.stderr)
         return 0
-    print(f"error: the Prefect server exited (code {server.proc.returncode if server.proc else '?'})."
+    code = server.proc.returncode if server.proc else "?"
+    print(f"error: the Prefect server exited (code {code})."
           f" Last lines of {server.log_path}:\n{server._log_tail()}", file=sys.stderr)
     return 1
 
@@ -281,7 +285,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="testbed", help="profile name or YAML path")
     r.add_argument("--backend", choices=BACKENDS, default="slurm")
     r.add_argument("--program", help="MPI program (default: the check program)")
-    r.add_argument("--nodes", type=int, help="nodes of the job and the MPI step (overrides the profile)")
+    r.add_argument("--nodes", type=int,
+                   help="nodes of the job and the MPI step (overrides the profile)")
     r.add_argument("--ntasks", type=int, help="MPI ranks (overrides the profile)")
     r.set_defaults(func=cmd_render)
     d = sub.add_parser("doctor", help="check, in seconds, what a run needs (SLURM, partition, MPI, "

@@ -12,6 +12,7 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 PREFECT_VERSION = version("prefect")
 PREFECT_MAJOR = int(PREFECT_VERSION.split(".")[0])
@@ -43,7 +44,8 @@ LEGACY_DATABASE_RENAME = (
     "PREFECT_API_DATABASE_" if PREFECT_MAJOR < 3 else "PREFECT_SERVER_DATABASE_"
 )
 #: the server's defaults when none of the above is set (SQLAlchemy's 5/10/30 s; connect 5 s)
-DEFAULT_POOL = {"pool_size": 5, "max_overflow": 10, "pool_timeout": 30.0, "connect_timeout": 5.0}
+DEFAULT_POOL: dict[str, Any] = {
+    "pool_size": 5, "max_overflow": 10, "pool_timeout": 30.0, "connect_timeout": 5.0}
 
 #: sub-flows that may run at once in one process. Prefect 2 runs every flow run's engine on one
 #: event-loop thread: 80 at once finished, 140 at once stalled with that thread at 100 % (0 of 140
@@ -91,7 +93,11 @@ def known_migrations(dialect: str) -> set[str]:
     # located, not imported: importing Prefect before PREFECT_API_URL is set made Prefect 3 start
     # a temporary server of its own next to the run's
     sub = "migrations" if PREFECT_MAJOR < 3 else "_migrations"
-    package = Path(importlib.util.find_spec("prefect").origin).parent
+    found_spec = importlib.util.find_spec("prefect")
+    if found_spec is None or found_spec.origin is None:
+        raise RuntimeError("askap_flows cannot locate the prefect package in this Python: install "
+                           "it (pip install -c package_list.txt askap-flows).")
+    package = Path(found_spec.origin).parent
     folder = package / "server" / "database" / sub / "versions" / dialect
     found = set()
     for path in folder.glob("*.py"):
@@ -101,8 +107,8 @@ def known_migrations(dialect: str) -> set[str]:
     if not found:  # Prefect moved its migrations: refusing every database would be the result
         raise RuntimeError(
             f"askap_flows found no {dialect} migrations of Prefect {PREFECT_VERSION} in {folder}: "
-            "this Prefect version keeps them elsewhere, so the database's version cannot be checked. "
-            "Use a Prefect version of package_list.txt, or report it to askap_flows "
+            "this Prefect version keeps them elsewhere, so the database's version cannot be "
+            "checked. Use a Prefect version of package_list.txt, or report it to askap_flows "
             "(compat.known_migrations).")
     return found
 
@@ -118,7 +124,7 @@ def current_dask_client():
     ctx = FlowRunContext.get()
     if ctx is None or ctx.task_runner is None:
         return None
-    runner = ctx.task_runner
+    runner: Any = ctx.task_runner  # a prefect_dask DaskTaskRunner: runners.py makes every one
     if PREFECT_MAJOR >= 3:
         return runner.client
     # prefect-dask 0.2 has no public accessor; tests/test_compat.py pins this attribute
@@ -155,5 +161,6 @@ def cancel_future(future) -> None:
             return
         except KeyError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"task future {future.key} never reached Dask: cannot cancel it")
+                raise RuntimeError(
+                    f"task future {future.key} never reached Dask: cannot cancel it") from None
             time.sleep(0.05)

@@ -22,9 +22,9 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
 from . import compat
@@ -33,8 +33,9 @@ from .spec import whole_number  # the one "a count must be >= 1" check (a SpecEr
 
 PG_SCRIPT = "scripts/postgres_database.sh"
 #: more concurrent sub-flows than this on sqlite are refused. Measured (docs/database.md, a separate
-#: server on sqlite, 3K local sub-flows at K at once): every run completed up to K=16 on both majors,
-#: Prefect 3.9.1 lost 1 of 96 at K=32 (its clients retried 503 "database is locked" from K=2 on).
+#: server on sqlite, 3K local sub-flows at K at once): every run completed up to K=16 on both
+#: majors, Prefect 3.9.1 lost 1 of 96 at K=32 (its clients retried 503 "database is locked"
+#: from K=2 on).
 #: Half the largest K measured without a loss.
 SQLITE_MAX_CONCURRENT = 8
 SQLITE_LIMIT_ENV = "ASKAP_FLOWS_SQLITE_MAX_CONCURRENT"

@@ -14,9 +14,10 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from . import database, host, mpi, ports, shell
 from .spec import AllocationSpec, MPISpec, SpecError
@@ -415,6 +416,7 @@ def _server_settings(api_url: str) -> Mapping[str, Any] | None:
 def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
     cluster = ["-M", alloc.clusters] if alloc.clusters else []
     if shutil.which("sinfo") is None:
+        res = None
         rows = [sinfo_check(None, "sinfo is not on PATH")]
     else:
         res = _run(["sinfo", *cluster, "-h", "-o", "%P|%a|%D"], timeout=20)
@@ -427,11 +429,14 @@ def slurm_checks(alloc: AllocationSpec, spec: MPISpec) -> list[Check]:
                else "SLURM does not answer")
         return rows + [Check(n, SKIP, why)
                        for n in ("partition", "account", "reservation", "MPI plugin")]
+    assert res is not None  # rows[0] is OK: sinfo answered
     rows.append(partition_check(alloc.partition, alloc.nodes, res.stdout))
-    rows.append(account_check(alloc.account, alloc.account and _run(
-        ["sacctmgr", "-n", "-P", "show", "account", alloc.account, "format=Account"])))
-    rows.append(reservation_check(alloc.reservation, alloc.reservation and _run(
-        ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation])))
+    rows.append(account_check(alloc.account, _run(
+        ["sacctmgr", "-n", "-P", "show", "account", alloc.account, "format=Account"])
+        if alloc.account else None))
+    rows.append(reservation_check(alloc.reservation, _run(
+        ["scontrol", *cluster, "-o", "show", "reservation", alloc.reservation])
+        if alloc.reservation else None))
     listed = _run(["srun", "--mpi=list"])
     flavour, source = program_flavour(spec)
     mpi_list = None if listed is None or listed.returncode != 0 else listed.stdout + listed.stderr

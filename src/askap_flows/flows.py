@@ -14,17 +14,25 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, launch, mpi, runners, slurm, watch
 from .jobs import RunHandle
-from .spec import (AllocationSpec, MPISpec, excluding_nodes, resolve_allocation, resolve_specs,
-                   whole_number)
+from .spec import (
+    AllocationSpec,
+    MPISpec,
+    excluding_nodes,
+    resolve_allocation,
+    resolve_specs,
+    whole_number,
+)
+
 
 @dataclass
 class MPIRunResult:
@@ -172,13 +180,15 @@ def _cluster_started(job_name: str | None, logger) -> str | None:
         logger.info("Dask dashboard of this sub-flow: %s", dashboard)
         description = f"Dask dashboard of this sub-flow's cluster (SLURM job name `{job_name}`)." \
             if job_name else "Dask dashboard of this sub-flow's local cluster."
-        create_link_artifact(link=dashboard, link_text="Dask dashboard", description=description)
+        # ignore: Prefect 2 types it a coroutine; its @sync_compatible runs it here, synchronously
+        create_link_artifact(link=dashboard, link_text="Dask dashboard", description=description)  # type: ignore[unused-coroutine, unused-ignore]
     return dashboard
 
 
 def _record_job(job_id: str, job_name: str | None, nodes: list[str], dashboard: str | None) -> None:
-    """The SLURM job of this sub-flow run, as a table on the flow run (visible in the Prefect UI)."""
-    create_table_artifact(
+    """The SLURM job of this sub-flow run, as a table on the flow run (shown in the Prefect UI)."""
+    # ignore: Prefect 2 types it a coroutine; its @sync_compatible runs it here, synchronously
+    create_table_artifact(  # type: ignore[unused-coroutine, unused-ignore]
         table=[{"slurm_job_id": job_id, "job_name": job_name or "", "nodes": ",".join(nodes),
                 "dashboard": dashboard or ""}],
         description=f"SLURM job {job_id} of this sub-flow",
@@ -237,8 +247,9 @@ def mpi_subflow(
         label = name and (f"{name}-retry{attempt}" if attempt else name)
         try:
             with runners.cluster_for_run(alloc, backend) as run:
-                sub = _mpi_flow.with_options(task_runner=run.runner,
-                                             flow_run_name=label or run.job_name or f"mpi-{run.token}")
+                run_name = label or run.job_name or f"mpi-{run.token}"
+                # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
+                sub = _mpi_flow.with_options(task_runner=run.runner, flow_run_name=run_name)  # type: ignore[arg-type, unused-ignore]
                 invoked = time.time()
                 result = sub(spec=spec, program=prog, check_ranks=check_ranks, run=run.handle)
             result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
@@ -330,7 +341,8 @@ def array_subflow(
         slurm.check_available()
     with runners.cluster_for_run(alloc, backend) as run:
         label = name or run.job_name or f"array-{run.token}"
-        sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)
+        # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
+        sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)  # type: ignore[arg-type, unused-ignore]
         return sub(n_arrays=n_arrays, size=size, seed=seed, run=run.handle, name=label)
 
 
@@ -363,13 +375,15 @@ def run_subflows(
     calls = list(calls)
     for i, c in enumerate(calls):
         if not callable(c):
-            raise TypeError(f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
+            raise TypeError(
+                f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
     limit = compat.MAX_CONCURRENT_SUBFLOWS
     if limit is not None and max_concurrent > limit and len(calls) > limit:
         logging.getLogger("askap_flows").warning(
             "running at most %d of the %d sub-flows at once, not %d: Prefect %s runs every flow "
             "run on one event-loop thread and stalled with 140 at once (benchmarks/README.md). "
-            "Prefect 3 has no such limit.", limit, len(calls), max_concurrent, compat.PREFECT_VERSION)
+            "Prefect 3 has no such limit.",
+            limit, len(calls), max_concurrent, compat.PREFECT_VERSION)
         max_concurrent = limit
 
     def one(i: int, call: Callable[[], Any], ctx: contextvars.Context) -> Outcome:

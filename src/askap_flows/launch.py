@@ -57,7 +57,8 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
             mpi.check_world(ranks, spec)
         except mpi.MPIError as exc:
             shown = "\n".join(res.stdout.splitlines()[-2 * spec.ntasks:]) or "(nothing)"
-            raise mpi.MPIError(f"{exc} The program printed on stdout (last lines):\n{shown}") from None
+            raise mpi.MPIError(
+                f"{exc} The program printed on stdout (last lines):\n{shown}") from None
     return {
         "job_id": os.environ.get("SLURM_JOB_ID"),
         "nodelist": os.environ.get("SLURM_JOB_NODELIST"),

@@ -9,9 +9,9 @@ import re
 import shutil
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from . import host, shell
 from .errors import AskapFlowsError
@@ -22,7 +22,8 @@ HOME_ENV = host.HOME_ENV
 _RANK_MARK = "ASKAP_MPI_HELLO "
 
 MPI_INSTALL_HINT = (
-    "Install an MPI with a compiler wrapper: as root `apt-get install mpich libmpich-dev` (Debian), "
+    "Install an MPI with a compiler wrapper: as root `apt-get install mpich libmpich-dev` "
+    "(Debian), "
     "or without root `pip install mpich` in this Python environment (the wheel ships mpicc and "
     "mpiexec). Or point $MPICC at an existing mpicc."
 )
@@ -64,7 +65,8 @@ def default_program(mpicc: str | None = None) -> Path:
 def launch_command(spec: MPISpec, program: str | None = None) -> list[str]:
     """The argument list that starts ``spec`` (pure: no I/O).
 
-    srun:    srun --mpi=P -N nodes -n ntasks [--ntasks-per-node k] [-c cpus] [extra] [wrapper] prog args
+    srun:    srun --mpi=P -N nodes -n ntasks [--ntasks-per-node k] [-c cpus] [extra] [wrapper]
+             prog args
     mpiexec: mpiexec -n ntasks [extra] [wrapper] prog args
     """
     prog = program or spec.program or str(default_program(spec.mpicc))
@@ -84,7 +86,8 @@ def launch_command(spec: MPISpec, program: str | None = None) -> list[str]:
 # Every rank of an Open MPI program started by srun without PMIx (--mpi=pmi2 or none) prints this
 # before MPI_Init aborts (Open MPI 4.1 of Debian 12; it is not built with SLURM's PMI-1/PMI-2)
 OMPI_WITHOUT_PMIX = "OMPI was not built with SLURM's PMI support"
-_SRUN_TASK_ERROR = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9,-]+): (?P<what>.+)$")
+_SRUN_TASK_ERROR = re.compile(
+    r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9,-]+): (?P<what>.+)$")
 
 
 def first_failure(stderr_lines: Sequence[str], mpi_plugin: str | None = None) -> str | None:
@@ -92,9 +95,9 @@ def first_failure(stderr_lines: Sequence[str], mpi_plugin: str | None = None) ->
     as a hint for the error message, or None. When Open MPI said it was started without PMIx,
     the hint is that fix alone."""
     if any(OMPI_WITHOUT_PMIX in line for line in stderr_lines):
-        return (f"MPI_Init aborted: the program is built with Open MPI, which srun starts only with "
-                f"--mpi=pmix (this was --mpi={mpi_plugin or '?'}). Fix: set mpi: mpi_plugin: pmix "
-                "in the profile.")
+        return ("MPI_Init aborted: the program is built with Open MPI, which srun starts only "
+                f"with --mpi=pmix (this was --mpi={mpi_plugin or '?'}). Fix: set mpi: mpi_plugin: "
+                "pmix in the profile.")
     failures = [m for m in map(_SRUN_TASK_ERROR.match, (x.strip() for x in stderr_lines)) if m]
     causes = [m for m in failures if m.group("what") not in ("Terminated", "Killed")] or failures
     if not causes:

@@ -69,7 +69,7 @@ class Reservation:
                 os.close(fd)
         self._handles = []
 
-    def __enter__(self) -> "Reservation":
+    def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -126,14 +126,17 @@ class PortAllocator:
                 Reservation(ports, handles).release()
                 raise PortError(
                     f"no {count} free port(s) left in {self.low}-{self.high} on {host}: too many "
-                    f"sub-flows or other programs hold them. Widen the range with {PORTS_ENV}=LOW-HIGH "
+                    f"sub-flows or other programs hold them. Widen the range with "
+                    f"{PORTS_ENV}=LOW-HIGH "
                     f"or set {PORTS_ENV}=0 to let the OS choose."
                 )
             self._given.update(ports)
         return Reservation(ports, handles)
 
     def _take(self, count: int, host: str, ports: list[int], handles: list[int]) -> None:
-        """Lock up to ``count`` bindable ports into ``ports``/``handles`` (caller holds the mutex)."""
+        """Lock up to ``count`` bindable ports into ``ports``/``handles``.
+
+        The caller holds the mutex."""
         for _round in range(2):  # second round: reuse ports this process gave out earlier
             for _ in range(self.high - self.low + 1):
                 if len(ports) == count:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import TextIO
 
 CLEAR = "\r\x1b[K"  # back to column 0, clear to the end of the line
 
@@ -115,7 +116,7 @@ class Progress:
             with self._lock:
                 self._redraw()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.tty:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="askap-progress")
             self._thread.start()

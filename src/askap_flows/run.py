@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from . import database, mpi, slurm
-from .progress import Progress
 from . import server as server_mod
+from .progress import Progress
 from .server import PrefectServer, ServerError
 from .spec import BACKENDS, SpecError, check_fits, resolve_specs
 
@@ -103,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m askap_flows.run",
         description=(
             "Run N MPI sub-flows concurrently as one Prefect pipeline. Each sub-flow builds its "
-            "own Dask cluster when it starts (local: a threaded LocalCluster; slurm: a SLURMCluster "
+            "own Dask cluster when it starts (local: a threaded LocalCluster; slurm: a "
+            "SLURMCluster "
             "whose one job spans --nodes nodes), runs the MPI check program across it (mpiexec or "
             "srun) and closes the cluster. With no arguments: the local backend, 4 sub-flows, "
             "a Prefect server on sqlite under ./.askap_flows, started for this run."
@@ -113,25 +114,30 @@ def parser() -> argparse.ArgumentParser:
             "  python -m askap_flows.run\n"
             "  python -m askap_flows.run --backend slurm --profile testbed --subflows 6 --json\n"
             "environment: ASKAP_FLOWS_HOME (working dir, default ./.askap_flows), "
-            "ASKAP_FLOWS_PROFILE, PREFECT_API_URL (use this Prefect server instead of starting one)."
+            "ASKAP_FLOWS_PROFILE, PREFECT_API_URL (use this Prefect server instead of starting "
+            "one)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--backend", choices=BACKENDS, default="local",
-                   help="where the clusters run: 'local' (no SLURM needed) or 'slurm' (default: local)")
+                   help="where the clusters run: 'local' (no SLURM needed) or 'slurm' "
+                        "(default: local)")
     p.add_argument("--profile", metavar="NAME|PATH",
-                   help="packaged profile (local, testbed, pawsey_example) or a YAML file; default: "
+                   help="packaged profile (local, testbed, pawsey_example) or a YAML file; "
+                        "default: "
                         "'local' for the local backend, $ASKAP_FLOWS_PROFILE for slurm")
     p.add_argument("--subflows", type=int, default=4, metavar="N",
                    help="how many MPI sub-flows to run (default: 4)")
     p.add_argument("--max-concurrent", type=int, default=2, metavar="K",
                    help="at most K sub-flows (and clusters) at once (default: 2)")
     p.add_argument("--nodes", type=int, metavar="N",
-                   help="nodes per sub-flow: the SLURM job and the MPI step (default: the profile's)")
+                   help="nodes per sub-flow: the SLURM job and the MPI step "
+                        "(default: the profile's)")
     p.add_argument("--ntasks", type=int, metavar="N",
                    help="MPI ranks per sub-flow (default: the profile's)")
     p.add_argument("--program", metavar="PATH",
-                   help="MPI executable to run (default: the packaged check program, built if missing)")
+                   help="MPI executable to run (default: the packaged check program, "
+                        "built if missing)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (a 'subflows' list) instead of the summary table")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own log lines too")
@@ -147,7 +153,8 @@ def cli_specs(args):
     ntasks = args.ntasks if args.ntasks is not None else max(spec.ntasks, nodes)
     spec = dataclasses.replace(spec, nodes=nodes, ntasks=ntasks, ntasks_per_node=None)
     per_node = -(-ntasks // nodes)
-    alloc = dataclasses.replace(alloc, nodes=max(alloc.nodes, nodes) if args.nodes is None else nodes,
+    alloc = dataclasses.replace(alloc,
+                                nodes=max(alloc.nodes, nodes) if args.nodes is None else nodes,
                                 ntasks_per_node=max(alloc.ntasks_per_node, per_node))
     check_fits(spec, alloc)
     return alloc, spec
@@ -223,7 +230,7 @@ def summary_table(rows: list[dict]) -> str:
             if r.get("error") else "",
         ))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip()
                      for line in lines)
 
 
@@ -240,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         home = prepare_environment()
         if args.backend == "slurm":
             slurm.check_available()
-            kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check", home / "logs")
+            kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check",
+                                              home / "logs")
             slurm.test_submit(slurm.render_job_script(kwargs))
         program, _ = mpi.resolve_program(spec, args.program)
     except Exception as exc:  # bad input, a missing piece, the compiler failed: no traceback wall
@@ -295,7 +303,8 @@ def _run(args, alloc, spec, program, say) -> int:
             where = f"job {v.job_id} on {','.join(v.nodes)}" if v.job_id else ",".join(v.nodes)
             progress.ended(outcome.index, f"{name} completed: {len(v.ranks)} ranks, {where}", True)
         else:
-            first = str(outcome.error).splitlines()[0] if str(outcome.error) else type(outcome.error).__name__
+            text = str(outcome.error)
+            first = text.splitlines()[0] if text else type(outcome.error).__name__
             progress.ended(outcome.index, f"{name} FAILED: {first}", False)
 
     def tracked(i: int, call):
@@ -307,7 +316,7 @@ def _run(args, alloc, spec, program, say) -> int:
         return run
 
     @flow(name="askap-pipeline", validate_parameters=False)
-    def pipeline(n: int, max_concurrent: int):
+    def pipeline(n: int, max_concurrent: int) -> list:  # of flows.Outcome
         calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
                                     profile=args.profile, program=program, name=names[i]))
                  for i in range(n)]

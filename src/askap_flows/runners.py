@@ -10,14 +10,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 # dask_jobqueue 0.9 installs a signal handler when first imported; that only works in the main
 # thread, and sub-flows start their clusters from worker threads. Import it here, at module top.
 import dask
-import dask_jobqueue
+import dask_jobqueue  # noqa: F401 -- imported for the side effect above
 from prefect_dask import DaskTaskRunner
 
 from . import board, jobs, ports, shell, slurm
@@ -114,8 +114,8 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     log_dir = job_log_dir()
     if backend == "local":
         with ports.reserve(1, LOCAL_HOST) as held:
-            yield RunCluster(local_runner(alloc, held.ports[0]),
-                             jobs.RunHandle(token, None, str(log_dir), alloc.start_timeout, backend))
+            handle = jobs.RunHandle(token, None, str(log_dir), alloc.start_timeout, backend)
+            yield RunCluster(local_runner(alloc, held.ports[0]), handle)
         return
     job_name = f"{alloc.job_name_prefix}-{token}"
     host = slurm.scheduler_host(alloc)

@@ -21,12 +21,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from . import compat, database, shell
-from .errors import AskapFlowsError
 from .database import sqlite_url  # noqa: F401 - also re-exported here
+from .errors import AskapFlowsError
+
+if TYPE_CHECKING:
+    import subprocess  # the type only: shell.py runs every command
 
 
 class ServerError(AskapFlowsError, RuntimeError):
@@ -63,7 +67,7 @@ class PrefectServer:
         self._fixed_port = port is not None
         self.log_path = Path(log_path or self.home / "server.log")
         self.start_timeout = start_timeout
-        self.proc = None  # the server process (subprocess.Popen) while it runs
+        self.proc: subprocess.Popen | None = None  # the server process while it runs
 
     @property
     def api_url(self) -> str:
@@ -73,15 +77,16 @@ class PrefectServer:
     def ui_url(self) -> str:
         return f"http://{self.host}:{self.port}/"
 
-    def start(self) -> "PrefectServer":
+    def start(self) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with start_lock(self.home):  # one server at a time migrates this home's database
             return self._start()
 
-    def _start(self) -> "PrefectServer":
+    def _start(self) -> PrefectServer:
         for attempt in range(3):
-            port = self.port if self._fixed_port else free_port(self.host)
+            fixed = self.port if self._fixed_port else None
+            port = fixed if fixed is not None else free_port(self.host)
             env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
             env.update(compat.server_settings(self.database_url))
             env.update(self.settings)
@@ -103,7 +108,8 @@ class PrefectServer:
                     break
                 time.sleep(0.3)
             self.stop()
-            if not self._fixed_port and attempt < 2 and "address already in use" in self._log_tail().lower():
+            in_use = "address already in use" in self._log_tail().lower()
+            if not self._fixed_port and attempt < 2 and in_use:
                 continue
             break
         raise ServerError(
@@ -122,7 +128,7 @@ class PrefectServer:
             shell.kill_group(self.proc, grace=10)
         self.proc = None
 
-    def __enter__(self) -> "PrefectServer":
+    def __enter__(self) -> PrefectServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -182,7 +188,7 @@ def _client_settings(api_url: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def prefect_server(max_concurrent: int = 2, *, say: Callable[[str], None] = _stderr,
-                   on_start: Callable[["PrefectServer"], None] | None = None) -> Iterator[str]:
+                   on_start: Callable[[PrefectServer], None] | None = None) -> Iterator[str]:
     """The Prefect server of a pipeline, as the main job gets it; yields its API URL.
 
     With ``PREFECT_API_URL`` set, that server (and its database) must answer. Without it, a server

@@ -14,8 +14,8 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 from .errors import AskapFlowsError
 
@@ -105,7 +105,8 @@ def run(
     except FileNotFoundError:
         raise CommandError(argv, None, reason=f"could not start ({argv[0]!r} not found)") from None
     except PermissionError:
-        raise CommandError(argv, None, reason=f"could not start ({argv[0]!r} is not executable)") from None
+        raise CommandError(argv, None,
+                           reason=f"could not start ({argv[0]!r} is not executable)") from None
 
     with _running_lock:
         _running.add(proc)

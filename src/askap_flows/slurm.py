@@ -14,9 +14,9 @@ import shutil
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from . import host, shell
 from .errors import AskapFlowsError
@@ -188,7 +188,7 @@ def check_available() -> None:
 
 
 def test_submit(script: str) -> str:
-    """``sbatch --test-only``: SLURM validates the job (partition, nodes, account) submitting nothing.
+    """``sbatch --test-only``: SLURM validates the job (partition, nodes, account), submits nothing.
 
     A script SLURM accepted once in this process is not asked about again, also when many
     sub-flows start at once: pass the same script for the same partition and shape
@@ -220,7 +220,8 @@ def jobs_with_prefix(prefix: str) -> list[tuple[str, str, str, str]]:
     """(job id, name, state, nodes) of this user's jobs whose name starts with ``prefix-``."""
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     out = _slurm(["squeue", "-h", "-u", user, "-o", "%i|%j|%T|%N"])
-    rows = [tuple(line.strip().split("|")) for line in out.splitlines() if line.count("|") == 3]
+    fields = (line.strip().split("|") for line in out.splitlines() if line.count("|") == 3)
+    rows = [(f[0], f[1], f[2], f[3]) for f in fields]
     return [r for r in rows if r[1].startswith(f"{prefix}-")]
 
 
@@ -319,13 +320,15 @@ def interface_address(interface: str) -> str:
     """The IPv4 address of the scheduler's network interface on this host (host.InterfaceError,
     a ValueError, when it is not here): the same lookup `askap-flows doctor` reports."""
     return host.interface_address(
-        interface, fix="Set the profile's scheduler_interface to one that exists here (`askap-flows "
-        "doctor --profile PROFILE` checks it).")
+        interface, fix="Set the profile's scheduler_interface to one that exists here "
+        "(`askap-flows doctor --profile PROFILE` checks it).")
 
 
 def scheduler_host(alloc: AllocationSpec) -> str:
     """The address the scheduler (and its dashboard) listens on: the scheduler interface's."""
-    return interface_address(alloc.scheduler_interface) if alloc.scheduler_interface else "127.0.0.1"
+    if alloc.scheduler_interface:
+        return interface_address(alloc.scheduler_interface)
+    return "127.0.0.1"
 
 
 def run_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_directory: Path,

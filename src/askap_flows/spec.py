@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -23,7 +24,8 @@ from .errors import AskapFlowsError
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 PROFILE_ENV = "ASKAP_FLOWS_PROFILE"
-# srun --mpi= plugins: MPICH pmi2; Open MPI pmix (or a versioned pmix_vN); HPE Cray MPICH cray_shasta
+# srun --mpi= plugins: MPICH pmi2; Open MPI pmix (or a versioned pmix_vN);
+# HPE Cray MPICH cray_shasta
 MPI_PLUGINS = ("pmi2", "pmix", "pmix_v3", "pmix_v4", "pmix_v5", "cray_shasta", "none")
 LAUNCHERS = ("srun", "mpiexec")
 BACKENDS = ("local", "slurm")
@@ -123,7 +125,8 @@ class AllocationSpec:
             object.__setattr__(self, "walltime", str(self.walltime))  # YAML `walltime: 30`
         walltime_seconds(self.walltime)
         if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
-            raise SpecError(f"start_timeout must be a number of seconds > 0, got {self.start_timeout!r}.")
+            raise SpecError(
+                f"start_timeout must be a number of seconds > 0, got {self.start_timeout!r}.")
         for name in ("python", "local_directory"):  # paths: given as str or os.PathLike
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
@@ -153,7 +156,8 @@ class MPISpec:
     cpus_per_task: int | None = None
     mpi_plugin: str = "pmi2"  # srun --mpi=...; MPICH: pmi2, Open MPI: pmix
     launcher: str = "srun"  # srun (SLURM backend) or mpiexec (local backend)
-    program: str | None = None  # default: the packaged hello-world, built by `askap-flows build-mpi`
+    # default: the packaged hello-world, built by `askap-flows build-mpi`
+    program: str | None = None
     mpicc: str | None = None  # compiler wrapper for that hello-world (default $MPICC or mpicc)
     args: tuple[str, ...] = ()
     wrapper: tuple[str, ...] = ()  # e.g. ('apptainer', 'exec', '-B', '/scratch', 'image.sif')
@@ -295,7 +299,8 @@ def read_profile(profile: str | os.PathLike | None) -> dict[str, dict[str, Any]]
     for name, cls in SECTIONS.items():
         section = data.get(name) or {}
         if not isinstance(section, dict):
-            raise SpecError(f"profile {path}: section '{name}' must be a mapping of keys to values.")
+            raise SpecError(
+                f"profile {path}: section '{name}' must be a mapping of keys to values.")
         valid = [f.name for f in fields(cls)]
         bad = sorted(set(section) - set(valid))
         if bad:
@@ -317,7 +322,7 @@ def build_specs(
     sections = read_profile(profile)
     path = _profile_path(profile)
     where = f" (profile {path})" if path else ""
-    built = []
+    built: list[Any] = []  # [AllocationSpec, MPISpec]
     for name, cls, explicit in (("allocation", AllocationSpec, allocation), ("mpi", MPISpec, mpi)):
         try:
             built.append(cls(**{**sections[name], **_explicit(explicit)}))

@@ -15,7 +15,8 @@ script; only line breaks and control characters in an entry are refused.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 _NAME = r"[A-Za-z0-9_.+-]+"
 _NAMES = rf"{_NAME}(?:,{_NAME})*"
