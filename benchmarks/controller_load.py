@@ -106,7 +106,7 @@ class Sdiag:
         while not self._stop.wait(self.every):
             self.sample()
 
-    def __enter__(self) -> "Sdiag":
+    def __enter__(self) -> Sdiag:
         r = subprocess.run(["sdiag", "-r"], capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise SystemExit(f"`sdiag -r` failed ({r.stderr.strip()}): resetting slurmctld's "

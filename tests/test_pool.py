@@ -110,7 +110,7 @@ def test_allocation_ends_with_an_exception_sigterm_and_sigint(tmp_path, no_jobs_
         assert proc.returncode != 0 or how == "int", err
         if how == "raise":
             assert "boom in the block" in err
-        wait_for(lambda: askap_jobs(prefix) == [], 30, f"{how}: the pool's job outlived its block")
+        wait_for(lambda p=prefix: askap_jobs(p) == [], 30, f"{how}: the pool's job outlived its block")
 
 
 def test_sigkilled_pool_is_found_by_cleanup(tmp_path, no_jobs_left):

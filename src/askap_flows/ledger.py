@@ -12,8 +12,8 @@ No threads, no I/O, no clock: the pool (pool.py) wraps it with a lock and a cond
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import AskapFlowsError
 

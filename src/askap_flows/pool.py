@@ -20,8 +20,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
 import distributed
@@ -33,10 +34,10 @@ from .ledger import LedgerError, NodeLedger
 from .spec import AllocationSpec, MPISpec, build_specs, resolve_allocation, walltime_seconds
 
 log = logging.getLogger("askap_flows")
-_pools: dict[str, "Pool"] = {}  # job name -> open pool (flow parameters carry the name only)
+_pools: dict[str, Pool] = {}  # job name -> open pool (flow parameters carry the name only)
 
 
-def get(name: str) -> "Pool | None":
+def get(name: str) -> Pool | None:
     """The open pool of this job name (None once its block ended)."""
     return _pools.get(name)
 
@@ -248,18 +249,18 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
             submitted = time.time()
             cluster = dask_jobqueue.SLURMCluster(**pool_cluster_kwargs(alloc, job_name, log_dir,
                                                                        held.ports),
-                                                 job_cls=jobs.BoardJob)
+                                                 job_cls=jobs.BoardJob)  # type: ignore[arg-type]
             client = distributed.Client(cluster)
             _wait_for_worker(client, handle)
             # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
             env = {k: next(iter(client.run(os.getenv, k).values()))
                    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
-            nodes = slurm.hostnames(env["SLURM_JOB_NODELIST"])
+            held_nodes = slurm.hostnames(env["SLURM_JOB_NODELIST"])
             dashboard = runners.dashboard_url(client)
-            pool = Pool(alloc, profile, handle, client, env["SLURM_JOB_ID"], nodes,
+            pool = Pool(alloc, profile, handle, client, env["SLURM_JOB_ID"], held_nodes,
                         submitted + walltime_seconds(alloc.walltime), dashboard)
             log.info("allocation pool: SLURM job %s (%s) on %s; Dask dashboard %s",
-                     pool.job_id, job_name, ",".join(nodes), dashboard)
+                     pool.job_id, job_name, ",".join(held_nodes), dashboard)
             _pools[job_name] = pool
             yield pool
         finally:

@@ -16,7 +16,7 @@ from prefect.artifacts import create_link_artifact
 
 from . import launch, runners, slurm, watch
 from .flows import LineCount, MPIRunResult, _record_job
-from .pool import PoolError, get, step_spec
+from .pool import Pool, PoolError, get, step_spec
 from .spec import MPISpec
 
 
@@ -24,7 +24,7 @@ from .spec import MPISpec
 def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
              nodes: list[str]) -> dict:
     """The step, launched from a Dask task on the pool's worker; its lines to this task's log."""
-    pool, logger = get(pool_name), get_run_logger()
+    pool, logger = open_pool(pool_name), get_run_logger()
     topic, relayed = f"askap-mpi-{uuid.uuid4().hex}", LineCount()
 
     def relay(event) -> None:
@@ -59,15 +59,21 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
         pool.client.unsubscribe_topic(topic)
 
 
+def open_pool(pool_name: str) -> Pool:
+    pool = get(pool_name)
+    if pool is None:
+        raise PoolError(f"the pool {pool_name} is closed: run its steps inside its `with` block")
+    return pool
+
+
 @flow(name="mpi-pool-step", validate_parameters=False)
 def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str):
     called = time.time()
-    pool, logger = get(pool_name), get_run_logger()
-    if pool is None:
-        raise PoolError(f"the pool {pool_name} is closed: run its steps inside its `with` block")
+    pool, logger = open_pool(pool_name), get_run_logger()
     if pool.dashboard:
-        create_link_artifact(link=pool.dashboard, link_text="Dask dashboard (pool)",
-                             description=f"Dask dashboard of pool job {pool.job_id}.")
+        create_link_artifact(  # type: ignore[unused-coroutine, unused-ignore]
+            link=pool.dashboard, link_text="Dask dashboard (pool)",
+            description=f"Dask dashboard of pool job {pool.job_id}.")
     ticket, nodes = pool.acquire(spec, logger)
     started = time.time()
     try:
