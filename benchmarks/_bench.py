@@ -133,3 +133,27 @@ def write_json(data: dict, out: str | os.PathLike | None) -> None:
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def slurm_setup(work_prefix: str, mpi_spec: dict, alloc_spec: dict):
+    """The test bed is there, a work directory and environment, the specs of the testbed profile
+    with these overrides, and the hello program: (work, alloc, spec, hello)."""
+    if not os.environ.get("SLURM_CONF"):
+        raise SystemExit("SLURM_CONF is not set: run `scripts/slurm_testbed.sh up` and "
+                         "`source /tmp/askap_testbed/env.sh` first.")
+    work = work_dir(work_prefix)
+    bench_environment(work)
+    from askap_flows import mpi, slurm
+    from askap_flows.spec import resolve_specs
+
+    slurm.check_available()
+    alloc, spec = resolve_specs(mpi_spec, alloc_spec, "testbed", "slurm")
+    return work, alloc, spec, str(mpi.build_hello())
+
+
+def run_header(name: str, quick: bool, load_before, server) -> dict:
+    """The first keys of every benchmark's JSON: what ran, when, with which versions, on what load."""
+    return {"benchmark": name, "quick": quick,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "versions": versions(), "load_average_before": load_before,
+            "load_average_after": load(), "prefect_server": server}

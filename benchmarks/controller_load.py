@@ -49,8 +49,10 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench  # noqa: E402
+import _bench
 import overhead  # noqa: E402
+
+from askap_flows.mpi import launch_command  # noqa: E402
 
 PREFIX = "askapbench"
 MPI = {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1}
@@ -433,18 +435,7 @@ def main() -> int:
     ns = [int(x) for x in args.n.split(",")]
     long_ns = [int(x) for x in args.long_n.split(",")]
     programs = args.programs.split(",")
-    if not os.environ.get("SLURM_CONF"):
-        raise SystemExit("SLURM_CONF is not set: run `scripts/slurm_testbed.sh up` and "
-                         "`source /tmp/askap_testbed/env.sh` first.")
-
-    work = _bench.work_dir("askap_ctld_")
-    _bench.bench_environment(work)
-    from askap_flows import mpi, slurm
-    from askap_flows.spec import resolve_specs
-
-    slurm.check_available()
-    alloc, spec = resolve_specs(MPI, ALLOC, "testbed", "slurm")
-    hello = str(mpi.build_hello())
+    work, alloc, spec, hello = _bench.slurm_setup("askap_ctld_", MPI, ALLOC)
     paths = {"short": hello, "long": sleeper(work, args.long_seconds, hello, work / "marks")}
     load_before = _bench.load()
     tag = uuid.uuid4().hex[:6]
@@ -476,16 +467,10 @@ def main() -> int:
     finally:
         overhead.cleanup_jobs()
     result = {
-        "benchmark": "controller_load",
-        "quick": args.quick,
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "versions": _bench.versions(),
-        "load_average_before": load_before,
-        "load_average_after": _bench.load(),
-        "prefect_server": server,
+        **_bench.run_header("controller_load", args.quick, load_before, server),
         "workload": {"n": ns, "long_n": long_ns, "programs": programs, "long_seconds": args.long_seconds,
                      "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
-                     "srun": mpi.launch_command(spec, hello), "board_poll": os.environ.get(
+                     "srun": launch_command(spec, hello), "board_poll": os.environ.get(
                          "ASKAP_FLOWS_SLURM_POLL", "default (1-3 s)")},
         "command_costs": costs,
         "phases": phases,

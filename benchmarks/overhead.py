@@ -35,7 +35,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench  # noqa: E402
+import _bench
+
+from askap_flows.mpi import launch_command  # noqa: E402
 
 PREFIX = "askapbench"
 MPI = {"nodes": 2, "ntasks": 4, "ntasks_per_node": 2}
@@ -106,6 +108,19 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
 
 
 # --------------------------------------------------------------------------- the sub-flows
+def timed_batch(parent, n: int, latencies: dict) -> dict:
+    """Run ``parent(n)`` (a flow of n sub-flows); its wall time, failures and latencies."""
+    started = time.monotonic()
+    outcomes = parent(n)
+    wall = time.monotonic() - started
+    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
+              for o in outcomes if not o.ok]
+    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != MPI["ntasks"]]
+    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
+            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
+            "outcomes": outcomes}
+
+
 def run_subflow_batch(n: int, program: str, tag: str) -> dict:
     """n mpi_subflow calls at once inside one parent flow; wall time around the parent call."""
     from prefect import flow
@@ -127,16 +142,10 @@ def run_subflow_batch(n: int, program: str, tag: str) -> dict:
         return run_subflows([functools.partial(timed, i) for i in range(count)],
                             max_concurrent=count)
 
-    started = time.monotonic()
-    outcomes = parent(n)
-    wall = time.monotonic() - started
-    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
-              for o in outcomes if not o.ok]
-    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != MPI["ntasks"]]
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
-            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
-            "timings": [{k: round(v, 3) for k, v in o.value.timings.items()}
-                        for o in outcomes if o.ok]}
+    result = timed_batch(parent, n, latencies)
+    result["timings"] = [{k: round(v, 3) for k, v in o.value.timings.items()}
+                         for o in result.pop("outcomes") if o.ok]
+    return result
 
 
 # --------------------------------------------------------------------------- through a pool
@@ -169,14 +178,9 @@ def run_pool_batch(n: int, program: str, tag: str, pool=None) -> dict:
             return run_subflows([functools.partial(timed, held, i) for i in range(count)],
                                 max_concurrent=count)
 
-    started = time.monotonic()
-    outcomes = parent(n)
-    wall = time.monotonic() - started
-    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
-              for o in outcomes if not o.ok]
-    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != MPI["ntasks"]]
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
-            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values())}
+    result = timed_batch(parent, n, latencies)
+    del result["outcomes"]
+    return result
 
 
 def run_pool_kinds(n: int, program: str, tag: str) -> dict:
@@ -229,18 +233,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.runs, args.reps = 2, 1
-    if not os.environ.get("SLURM_CONF"):
-        raise SystemExit("SLURM_CONF is not set: run `scripts/slurm_testbed.sh up` and "
-                         "`source /tmp/askap_testbed/env.sh` first.")
-
-    work = _bench.work_dir("askap_overhead_")
-    _bench.bench_environment(work)
-    from askap_flows import mpi, slurm
-    from askap_flows.spec import resolve_specs
-
-    slurm.check_available()
-    alloc, spec = resolve_specs(MPI, ALLOC, "testbed", "slurm")
-    program = str(mpi.build_hello())
+    work, alloc, spec, program = _bench.slurm_setup("askap_overhead_", MPI, ALLOC)
     load_before = _bench.load()
     reps: list[dict] = []
     tag = uuid.uuid4().hex[:6]
@@ -280,15 +273,9 @@ def main() -> int:
     for kind in ("floor", "subflows"):
         summary[kind]["label"] = f"W = {args.runs} runs"
     result = {
-        "benchmark": "overhead",
-        "quick": args.quick,
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "versions": _bench.versions(),
-        "load_average_before": load_before,
-        "load_average_after": _bench.load(),
-        "prefect_server": server,
+        **_bench.run_header("overhead", args.quick, load_before, server),
         "workload": {"runs": args.runs, "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
-                     "srun": mpi.launch_command(spec, program), "reps": args.reps},
+                     "srun": launch_command(spec, program), "reps": args.reps},
         "summary": summary,
         "ratio_wall": ratio(summary["subflows"]["median_wall_seconds"],
                             summary["floor"]["median_wall_seconds"]),
