@@ -86,9 +86,14 @@ def test_tty_gets_a_live_line_with_job_ids(tmp_path, hello_program):
     profile = tmp_path / "testbed.yaml"
     profile.write_text((ROOT / "src/askap_flows/profiles/testbed.yaml").read_text().replace(
         "  start_timeout: 120", f"  start_timeout: 120\n  job_name_prefix: {prefix}"))
+    # the program runs 5 s, so that the jobs are seen RUNNING: the line shows what the process's
+    # job board last saw (its interval is 1-2 s), redrawn every second
+    slow = tmp_path / "slow_hello.sh"
+    slow.write_text(f"#!/bin/sh\nsleep 5\nexec '{hello_program}'\n")
+    slow.chmod(0o755)
     code, out = run_in_pty([sys.executable, "-m", "askap_flows.run", "--backend", "slurm",
                             "--profile", str(profile), "--subflows", "2", "--nodes", "1",
-                            "--ntasks", "2"])
+                            "--ntasks", "2", "--program", str(slow)])
     assert code == 0, out[-3000:]
     redraws = [part for part in out.split("\r\x1b[K") if " queued, " in part]
     assert len(redraws) >= 2, out[-3000:]  # the line was redrawn in place, not appended

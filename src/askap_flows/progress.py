@@ -35,7 +35,7 @@ class Progress:
 
     def __init__(self, total: int, stream: TextIO, tty: bool | None = None,
                  job_ids: Callable[[], list[str]] | None = None, interval: float = 1.0,
-                 poll: float = 2.0) -> None:
+                 poll: float = 1.0) -> None:
         self.total = total
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty

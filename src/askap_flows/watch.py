@@ -88,14 +88,16 @@ def result(future, job: board.JobState | None, run: RunHandle):
         if job is None or run.job_name is None:
             raise
         b = board.board()
-        # srun learns that the job ends before squeue does: let the board see the end
-        if "already completing or completed" in str(exc):
-            try:
-                b.wait(lambda: (b.job(job.job_id) or job).ended, 10.0, fresh=True)
-            except board.ControllerUnreachable:
-                pass
+        # judge on an answer given after the failure (the board's last one may be a second old);
+        # srun learns that the job ends before SLURM's job list does: then wait for the end
+        ending = "already completing or completed" in str(exc)
+        try:
+            b.wait(lambda: not ending or (b.job(job.job_id) or job).ended,
+                   10.0 if ending else 5.0, fresh=True)
+        except board.ControllerUnreachable:
+            pass
         now = b.job(job.job_id) or job
-        if now.state in ("RUNNING", "COMPLETED", "COMPLETING") and \
+        if (not now.ended or now.state == "COMPLETED") and \
                 not slurm.node_problems(slurm.hostnames(now.nodelist))[0]:
             raise  # the program itself failed: its own error says why
         lost = job_lost(now, run)
