@@ -126,6 +126,25 @@ def test_a_run_talks_to_one_prefect_server_and_leaves_none(how, tmp_path, hello_
     assert err.count("received SIG") == 1 and err.count("interrupted: ") == 1, err[-3000:]
     logs = list((tmp_path / "home" / "logs").glob("run-*.log"))
     assert len(logs) == 1 and logs[0].name in err
+    # no MPI rank outlives the run: MPICH's hydra_pmi_proxy leaves mpiexec's process group, and
+    # was left running with its rank (reparented to init) when only that group was killed
+    deadline = time.monotonic() + 10
+    while _ranks(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ranks(tmp_path) == [], "MPI processes outlived the run"
+
+
+def _ranks(tmp_path: Path) -> list[str]:
+    """This test's MPI processes still alive (their launcher ran in ``tmp_path``)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] != "zombie" and ("--sleep 120" in cmd or "hydra_pmi_proxy" in cmd) \
+                and str(p.info["cwd"] or "").startswith(str(tmp_path)):
+            found.append(f"{p.info['pid']} {cmd}")
+    return found
 
 
 @pytest.mark.mpi

@@ -181,19 +181,54 @@ def start_background(argv: Sequence[str], log_path: str | os.PathLike,
                                 start_new_session=True, preexec_fn=_die_with_parent)
 
 
-def kill_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL it after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+def _left_the_group(pid: int) -> list:
+    """Descendants of ``pid`` in another process group: MPICH's hydra_pmi_proxy makes its own,
+    so killing the launcher's group left it and its ranks running, reparented to init."""
+    import psutil  # a dependency of distributed
+
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    strays = []
+    for kid in kids:
         try:
-            os.killpg(proc.pid, sig)
+            if os.getpgid(kid.pid) != pid:
+                strays.append(kid)
         except ProcessLookupError:
+            pass
+    return strays
+
+
+def _signal_all(proc: subprocess.Popen, strays: list, sig: int) -> bool:
+    """Send ``sig`` to the group of ``proc`` and to ``strays``; True while any of them lives."""
+    alive = False
+    try:
+        os.killpg(proc.pid, sig)
+        alive = True
+    except ProcessLookupError:
+        pass
+    for p in strays:
+        try:
+            if p.is_running() and p.status() != "zombie":
+                p.send_signal(sig)
+                alive = True
+        except Exception:  # noqa: BLE001 - psutil.Error: it is gone
+            pass
+    return alive
+
+
+def kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group of ``proc`` (and descendants that left it), then SIGKILL them
+    after ``grace`` seconds."""
+    strays = _left_the_group(proc.pid)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not _signal_all(proc, strays, sig):
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             proc.poll()
-            try:
-                os.killpg(proc.pid, 0)  # is anything of the group left?
-            except ProcessLookupError:
+            if not _signal_all(proc, strays, 0):  # is anything of them left?
                 return
             time.sleep(0.05)
 
