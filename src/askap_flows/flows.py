@@ -66,13 +66,7 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) -> d
     client = compat.current_dask_client()
     topic = f"askap-mpi-{uuid.uuid4().hex}"
     relayed = LineCount()
-
-    def relay(event) -> None:
-        msg = event[1]
-        (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
-        relayed.add()
-
-    client.subscribe_topic(topic, relay)
+    client.subscribe_topic(topic, relayed.relay_to(logger))
     future = None
     slurm_run = run.backend == "slurm"
     try:
@@ -112,6 +106,16 @@ class LineCount:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._n = 0
+
+    def relay_to(self, logger) -> Callable[[Any], None]:
+        """A Dask topic handler that writes each relayed line to ``logger`` and counts it."""
+
+        def relay(event) -> None:
+            msg = event[1]
+            (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
+            self.add()
+
+        return relay
 
     def add(self) -> None:
         with self._cond:

@@ -26,13 +26,7 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
     """The step, launched from a Dask task on the pool's worker; its lines to this task's log."""
     pool, logger = open_pool(pool_name), get_run_logger()
     topic, relayed = f"askap-mpi-{uuid.uuid4().hex}", LineCount()
-
-    def relay(event) -> None:
-        msg = event[1]
-        (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
-        relayed.add()
-
-    pool.client.subscribe_topic(topic, relay)
+    pool.client.subscribe_topic(topic, relayed.relay_to(logger))
     try:
         future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes), program, check_ranks,
                                     topic, pure=False)
