@@ -123,9 +123,15 @@ def test_a_run_talks_to_one_prefect_server_and_leaves_none(how, tmp_path, hello_
     assert watch.alive() == [], "a Prefect server outlived the run"
     assert ended < 20, f"the run took {ended:.0f} s to end after {how}"
     assert "Traceback" not in err, err[-3000:]
-    assert err.count("received SIG") == 1 and err.count("interrupted: ") == 1, err[-3000:]
+    assert err.count("received SIG") == 1, err[-3000:]
+    said = [ln for ln in err.splitlines() if ln.startswith("interrupted: ")]
+    assert len(said) == 1, err[-3000:]
     logs = list((tmp_path / "home" / "logs").glob("run-*.log"))
     assert len(logs) == 1 and logs[0].name in err
+    # the killed steps are failures (MPICH's mpiexec exits 0 after forwarding the signal), and
+    # the run's own handler had the signal: Prefect 3's, on the main thread, crashed the flow first
+    assert " completed: " not in err, err[-3000:]
+    assert "aborted by a termination signal" not in logs[0].read_text()
     # no MPI rank outlives the run: MPICH's hydra_pmi_proxy leaves mpiexec's process group, and
     # was left running with its rank (reparented to init) when only that group was killed
     deadline = time.monotonic() + 10

@@ -1,4 +1,5 @@
 import os
+import threading
 import time
 
 import pytest
@@ -33,6 +34,28 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_a_command_stopped_by_the_shutdown_is_a_failure_even_if_it_exits_0():
+    """MPICH's mpiexec forwards SIGTERM to its ranks and exits 0: the interrupted run reported
+    its killed MPI steps as completed."""
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append(shell.run(["bash", "-c", "trap 'exit 0' TERM; echo up; sleep 30 & wait"],
+                                     on_line=lambda s, t: started.set()))
+        except shell.CommandError as exc:
+            outcome.append(exc)
+
+    started = threading.Event()
+    thread = threading.Thread(target=target)
+    thread.start()
+    assert started.wait(10)
+    assert shell.terminate_all(grace=5) == 1
+    thread.join(10)
+    assert isinstance(outcome[0], shell.CommandError), outcome
+    assert "killed because the run was interrupted" in str(outcome[0])
 
 
 def test_missing_program_is_a_clear_error():

@@ -279,6 +279,28 @@ def main(argv: list[str] | None = None) -> int:
         remember(None)
 
 
+def _off_the_main_thread(fn, *args):
+    """Run the parent flow in a thread of its own, so that the main thread keeps the signals:
+    Prefect 3's flow engine replaces the SIGTERM handler of the main thread with one that crashes
+    the flow, which tore the sub-flows down (tracebacks on the terminal) before this run could
+    quiet the terminal and cancel its jobs."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name="askap-pipeline")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: the main thread runs the signal handlers in between
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _run(args, alloc, spec, program, say) -> int:
     from functools import partial
 
@@ -326,10 +348,9 @@ def _run(args, alloc, spec, program, say) -> int:
         f"{args.max_concurrent} at once, {spec.ntasks} ranks on {spec.nodes} node(s) each ...")
     try:
         with progress:
-            outcomes = pipeline(args.subflows, args.max_concurrent)
-    except BaseException as exc:  # Prefect 3 turns SIGTERM into its own TerminationSignal
-        if not (_interrupted.is_set() or isinstance(exc, (KeyboardInterrupt, SystemExit))
-                or type(exc).__name__ == "TerminationSignal"):
+            outcomes = _off_the_main_thread(pipeline, args.subflows, args.max_concurrent)
+    except BaseException:
+        if not _interrupted.is_set():
             raise
         _cancel_everything()
         say(f"interrupted: no SLURM job of this run is left (log: {_log_path()})")

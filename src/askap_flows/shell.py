@@ -23,6 +23,7 @@ TAIL_LINES = 20
 DRAIN_SECONDS = 60.0  # after the process ended, how long its output may still arrive
 _running: set[subprocess.Popen] = set()
 _running_lock = threading.Lock()
+_stopped: set[subprocess.Popen] = set()  # killed by terminate_all: never reported as a success
 
 
 class CommandError(AskapFlowsError, RuntimeError):
@@ -153,6 +154,12 @@ def run(
     if timed_out:
         raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail,
                            reason=f"timed out after {timeout:g} s and was killed")
+    with _running_lock:
+        stopped = proc in _stopped
+        _stopped.discard(proc)
+    if stopped:  # MPICH's mpiexec exits 0 after forwarding the SIGTERM to its ranks
+        raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail,
+                           reason="was killed because the run was interrupted")
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail)
     return Completed(argv, proc.returncode, "\n".join(out), "\n".join(err), seconds)
@@ -237,6 +244,7 @@ def terminate_all(grace: float = 3.0) -> int:
     """Kill the process groups of every command still running through ``run`` (on shutdown)."""
     with _running_lock:
         procs = list(_running)
+        _stopped.update(procs)
     threads = [threading.Thread(target=kill_group, args=(p, grace)) for p in procs]
     for t in threads:
         t.start()
