@@ -25,7 +25,7 @@ def test_an_empty_migrations_folder_fails_loudly(monkeypatch, tmp_path):
         compat.known_migrations("sqlite")
 
 
-def test_the_flow_runs_dask_client_its_dashboard_and_cancelling_a_pending_future():
+def test_the_flow_runs_dask_client_its_dashboard_and_cancelling_a_pending_future(tmp_path):
     """current_dask_client (prefect-dask 0.2: the runner's ``_client``), dashboard_url (the
     scheduler's ``http_server``), cancel_future (0.2: ``_get_dask_future``) on a real run."""
     import time
@@ -38,8 +38,11 @@ def test_the_flow_runs_dask_client_its_dashboard_and_cancelling_a_pending_future
         time.sleep(1.5)
         return 1
 
+    ran = tmp_path / "waiting-ran"
+
     @task
     def waiting(x):
+        ran.write_text("ran")  # a cancelled future never gets here
         return x
 
     seen = {}
@@ -52,8 +55,11 @@ def test_the_flow_runs_dask_client_its_dashboard_and_cancelling_a_pending_future
         first = blocked.submit()
         second = waiting.submit(first)  # cannot run before `first`: still pending
         compat.cancel_future(second)
-        return first.result()
+        value = first.result()
+        time.sleep(1.5)  # `second` would have run by now
+        return value
 
     assert probe() == 1
+    assert not ran.exists(), "the cancelled future still ran"
     assert seen["client"] is True
     assert seen["dashboard"] and seen["dashboard"].startswith("http://127.0.0.1:")
