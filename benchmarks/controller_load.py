@@ -165,8 +165,6 @@ def sleeper(work: Path, seconds: int, hello: str, marks: Path) -> str:
 # --------------------------------------------------------------------------- the phases
 def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
     """n job scripts by ``sbatch --parsable``; one ``squeue`` a second until all have ended."""
-    from askap_flows import mpi
-
     log_dir = work / "floor"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -197,13 +195,7 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
                 ended.setdefault(job_id, now)
         if now - started > 900:
             raise SystemExit(f"floor jobs {ids} did not finish within 900 s")
-    errors = []
-    for job_id, name in names.items():
-        text = (log_dir / f"{name}-{job_id}.out").read_text(errors="replace")
-        try:
-            mpi.check_world(mpi.parse_ranks(text), spec)
-        except mpi.MPIError as exc:
-            errors.append(f"job {job_id}: {exc}")
+    errors = overhead.floor_failures(names, log_dir, spec)
     return {"wall_seconds": round(time.time() - started, 2), "failures": len(errors),
             "errors": errors[:3], "jobs_pended": len(pended),
             "window": (min(running.values()), max(ended.values()))}

@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
 
+from askap_flows import mpi  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
 
 PREFIX = "askapbench"
@@ -49,7 +50,7 @@ PHASES = ("checks", "prefect_start", "cluster_start", "worker_wait", "srun", "te
 # --------------------------------------------------------------------------- the floor
 def floor_script(alloc, spec, program: str, name: str, log_dir: Path) -> str:
     """The sub-flow's own job script (rendered by the library) running the srun line itself."""
-    from askap_flows import mpi, slurm
+    from askap_flows import slurm
 
     kwargs = slurm.run_cluster_kwargs(alloc, name, log_dir)
     lines = slurm.render_job_script(kwargs).splitlines()
@@ -61,8 +62,6 @@ def floor_script(alloc, spec, program: str, name: str, log_dir: Path) -> str:
 
 def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
     """Submit n job scripts with sbatch --parsable; poll squeue every 0.1 s until all are done."""
-    from askap_flows import mpi
-
     log_dir = work / "floor"
     log_dir.mkdir(parents=True, exist_ok=True)
     scripts = []
@@ -95,6 +94,15 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
             raise SystemExit(f"floor jobs {ids} did not finish within 600 s")
         time.sleep(0.1)
     wall = max(ended.values()) - started
+    failures = floor_failures(names, log_dir, spec)
+    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(failures),
+            "errors": failures[:3],
+            "latencies": sorted(round(ended[j] - submitted[j], 3) for j in submitted)}
+
+
+# --------------------------------------------------------------------------- the sub-flows
+def floor_failures(names: dict[str, str], log_dir: Path, spec) -> list[str]:
+    """The floor jobs (id -> name) whose ranks did not make the world ``spec`` asks for."""
     failures = []
     for job_id, name in names.items():
         text = (log_dir / f"{name}-{job_id}.out").read_text(errors="replace")
@@ -102,12 +110,9 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
             mpi.check_world(mpi.parse_ranks(text), spec)
         except mpi.MPIError as exc:
             failures.append(f"job {job_id}: {exc}")
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(failures),
-            "errors": failures[:3],
-            "latencies": sorted(round(ended[j] - submitted[j], 3) for j in submitted)}
+    return failures
 
 
-# --------------------------------------------------------------------------- the sub-flows
 def timed_batch(parent, n: int, latencies: dict) -> dict:
     """Run ``parent(n)`` (a flow of n sub-flows); its wall time, failures and latencies."""
     started = time.monotonic()
