@@ -9,12 +9,14 @@ _askap_prefect_env_help() {
 Usage: source scripts/prefect_env.sh [DIR]
 
 Set up Prefect's environment for askap_flows in the current shell:
-  PREFECT_HOME=DIR/prefect
-  PREFECT_API_DATABASE_CONNECTION_URL=sqlite+aiosqlite:///DIR/prefect/prefect.db     (Prefect 2.20)
-  PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite+aiosqlite:///DIR/prefect/prefect.db  (Prefect 3.x)
+  PREFECT_HOME=DIR/prefectM        (M: the major of the Prefect that $PYTHON, else python3, imports)
+  PREFECT_API_DATABASE_CONNECTION_URL=sqlite+aiosqlite:///DIR/prefectM/prefect.db     (Prefect 2.20)
+  PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite+aiosqlite:///DIR/prefectM/prefect.db  (Prefect 3.x)
   PREFECT_SERVER_ANALYTICS_ENABLED=false   (no telemetry attempts from offline nodes)
 
-DIR defaults to $ASKAP_FLOWS_HOME, else $PWD/.askap_flows. DIR/prefect is created; DIR must be
+DIR defaults to $ASKAP_FLOWS_HOME, else $PWD/.askap_flows. Prefect 2 and 3 get their own home
+(DIR/prefect2, DIR/prefect3), as the main job keeps them; DIR/prefect without a Prefect to ask.
+The home is created; DIR must be
 writable. In a script, pass DIR explicitly: without it, bash hands the script's own first
 argument to this file.
 
@@ -29,7 +31,7 @@ EOF
 }
 
 _askap_prefect_env() {
-    local dir home db url old name
+    local dir home db url old name major
     if [ "$#" -gt 1 ]; then
         printf 'prefect_env.sh: error: expected at most one argument (DIR), got %s.\n' "$#" >&2
         printf "Usage: source scripts/prefect_env.sh [DIR]   (see: bash scripts/prefect_env.sh --help)\n" >&2
@@ -45,7 +47,9 @@ _askap_prefect_env() {
         /*) ;;
         *) dir="$PWD/$dir" ;;
     esac
-    home="$dir/prefect"
+    # one home per Prefect major, as the main job keeps them (the two cannot share a database)
+    major=$("${PYTHON:-python3}" -c 'import importlib.metadata as m; print(m.version("prefect").split(".")[0])' 2>/dev/null) || major=""
+    home="$dir/prefect$major"
     case "$home" in
         *'?'*)
             printf "prefect_env.sh: error: '%s' contains '?', which breaks the sqlite URL. Choose another DIR.\n" "$home" >&2

@@ -16,11 +16,14 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from askap_flows.compat import PREFECT_MAJOR
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_SCRIPT = ROOT / "scripts" / "postgres_database.sh"
@@ -145,10 +148,11 @@ def source_env(script_body: str, cwd: Path, **extra: str) -> subprocess.Complete
 @pytest.mark.unit
 def test_prefect_env_sets_variables(tmp_path: Path) -> None:
     target = tmp_path / "my project"  # a space, to check the quoting
-    res = source_env(f'source "{ENV_SCRIPT}" "{target}" && env', cwd=tmp_path)
+    res = source_env(f'source "{ENV_SCRIPT}" "{target}" && env', cwd=tmp_path,
+                     PYTHON=sys.executable)
     assert res.returncode == 0, res.stderr
     env = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
-    home = target / "prefect"
+    home = target / f"prefect{PREFECT_MAJOR}"  # the main job's home of this major
     url = f"sqlite+aiosqlite:///{home}/prefect.db"
     assert env["PREFECT_HOME"] == str(home)
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == url
@@ -165,12 +169,14 @@ def test_prefect_env_defaults(tmp_path: Path) -> None:
     res = source_env(
         f'source "{ENV_SCRIPT}" && echo "$PREFECT_HOME"',
         cwd=tmp_path,
-        ASKAP_FLOWS_HOME=str(tmp_path / "fh"),
+        ASKAP_FLOWS_HOME=str(tmp_path / "fh"), PYTHON="/nonexistent/python",
     )
     assert res.stdout.strip() == str(tmp_path / "fh" / "prefect"), res.stderr
-    res = source_env(f'source "{ENV_SCRIPT}" && echo "$PREFECT_HOME"', cwd=tmp_path)
-    assert res.stdout.strip() == str(tmp_path / ".askap_flows" / "prefect"), res.stderr
-    res = source_env(f'source "{ENV_SCRIPT}" rel && echo "$PREFECT_HOME"', cwd=tmp_path)
+    res = source_env(f'source "{ENV_SCRIPT}" && echo "$PREFECT_HOME"', cwd=tmp_path,
+                     PYTHON=sys.executable)
+    assert res.stdout.strip() == str(tmp_path / ".askap_flows" / f"prefect{PREFECT_MAJOR}")
+    res = source_env(f'source "{ENV_SCRIPT}" rel && echo "$PREFECT_HOME"', cwd=tmp_path,
+                     PYTHON="/nonexistent/python")
     assert res.stdout.strip() == str(tmp_path / "rel" / "prefect"), res.stderr
 
 
