@@ -281,6 +281,14 @@ gen_task_prolog() {
 [ -n "\${UCX_NET_DEVICES:-}" ] || echo "export UCX_NET_DEVICES=lo"
 [ -n "\${OMPI_MCA_btl_tcp_if_include:-}" ] || echo "export OMPI_MCA_btl_tcp_if_include=lo"
 [ -n "\${OMPI_MCA_oob_tcp_if_include:-}" ] || echo "export OMPI_MCA_oob_tcp_if_include=lo"
+# Open MPI between the test bed's nodes: UCX over TCP, as MPICH does. Open MPI's own TCP transport
+# (ob1 + btl tcp) failed 2 of 15 3-node hellos under load here ("failed to TCP connect to a peer
+# ... Operation now in progress", then a segfault); UCX failed none (docs/development.md)
+if [ -z "\${OMPI_MCA_pml:-}" ]; then
+  echo "export OMPI_MCA_pml=ucx"
+  echo "export OMPI_MCA_pml_ucx_tls=any"
+  echo "export OMPI_MCA_pml_ucx_devices=any"
+fi
 [ -n "\${SLURM_CONF:-}" ] || echo "export SLURM_CONF=$CONF"
 exit 0
 EOF
