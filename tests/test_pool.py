@@ -71,6 +71,10 @@ HOLDER = textwrap.dedent("""
     from askap_flows import allocation
     with allocation(profile="testbed", nodes=1, walltime="00:05:00",
                     job_name_prefix=sys.argv[1]) as pool:
+        if sys.argv[2] == "kill":  # a task runs on the pool's worker when the pipeline dies
+            busy = pool.client.submit(time.sleep, 120, pure=False)
+            while not any(pool.client.processing().values()):
+                time.sleep(0.1)
         print("READY", pool.job_id, flush=True)
         if sys.argv[2] == "raise":
             raise RuntimeError("boom in the block")
@@ -93,29 +97,34 @@ def _ready(proc) -> str:
 
 def test_allocation_ends_with_an_exception_sigterm_and_sigint(tmp_path, no_jobs_left):
     tag = uuid.uuid4().hex[:6]
-    for how, sig in (("raise", None), ("term", signal.SIGTERM), ("int", signal.SIGINT)):
-        prefix = f"pool{how}{tag}"
-        proc = _holder(tmp_path, prefix, how)
-        try:
-            _ready(proc)
-            assert len(askap_jobs(prefix)) == 1
+    ways = {"raise": None, "term": signal.SIGTERM, "int": signal.SIGINT}
+    procs = {how: _holder(tmp_path, f"pool{how}{tag}", how) for how in ways}  # side by side
+    try:
+        for how, sig in ways.items():
+            _ready(procs[how])
+            assert len(askap_jobs(f"pool{how}{tag}")) == 1
             if sig is not None:
-                proc.send_signal(sig)
+                procs[how].send_signal(sig)
+        for proc in procs.values():
             proc.wait(timeout=60)
-        finally:
+    finally:
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+    for how, proc in procs.items():
         err = proc.stderr.read()
         # (SIGINT: dask_jobqueue 0.9 turns it into sys.exit(), which exits 0)
         assert proc.returncode != 0 or how == "int", err
         if how == "raise":
             assert "boom in the block" in err
-        wait_for(lambda p=prefix: askap_jobs(p) == [], 30, f"{how}: the pool's job outlived its block")
+        wait_for(lambda p=f"pool{how}{tag}": askap_jobs(p) == [], 30,
+                 f"{how}: the pool's job outlived its block")
 
 
 def test_sigkilled_pool_is_found_by_cleanup(tmp_path, no_jobs_left):
-    """`cleanup` lists a pool's job by its name; after a SIGKILL the job is gone, by itself (its
-    worker closes when its scheduler, in the killed process, vanishes) or by `cleanup --yes`."""
+    """`cleanup` lists a pool's job by its name and cancels it after a SIGKILL. (Its worker, which
+    sees its scheduler vanish at once, waits up to 30 s for its running task before it exits:
+    docs/troubleshooting.md; the cleanup comes within that time.)"""
     prefix = f"poolkill{uuid.uuid4().hex[:6]}"
     proc = _holder(tmp_path, prefix, "kill")
     cli = [sys.executable, "-m", "askap_flows.cli", "cleanup", "--prefix", prefix]
@@ -128,7 +137,7 @@ def test_sigkilled_pool_is_found_by_cleanup(tmp_path, no_jobs_left):
         proc.wait(timeout=30)
         done = subprocess.run(cli + ["--yes"], capture_output=True, text=True, timeout=90)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "cancelled 1 job(s)" in done.stdout or "no SLURM jobs" in done.stdout, done.stdout
+        assert "cancelled 1 job(s)" in done.stdout, done.stdout
     finally:
         if proc.poll() is None:
             proc.kill()
