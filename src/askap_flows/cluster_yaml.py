@@ -36,13 +36,11 @@ REFUSED = {
 #: overridden: (key, why); the profile's value is not used
 OVERRIDDEN = {
     "dashboard_address": "each run's scheduler gets its own dashboard port, reserved so that "
-                         "concurrent runs never collide (its address is logged when the run starts)",
+                         "concurrent runs never collide (prefect-dask logs its address)",
     "scheduler_options.port": "each run's scheduler gets its own port, reserved so that concurrent "
                               "runs never collide",
     "scheduler_options.dashboard_address": "each run's scheduler gets its own dashboard port, "
                                            "reserved so that concurrent runs never collide",
-    "job_name": "jobs are named '<job_name>-<run id>' so that each run's jobs are found and "
-                "cancelled by name; the value is used as that prefix",
     "n_workers": "with adapt_kwargs, adapt(minimum, maximum) decides how many jobs run",
 }
 #: values that reach the job script, checked like this library's own (values.RULES)
@@ -148,6 +146,10 @@ def _check_kwargs(where: str, kwargs: dict[str, Any],
         if given is not None:
             notes.append(f"profile {where}: cluster_kwargs.{key} ({given!r}) is not used: {why}.")
     prefix = kwargs.pop("job_name", None) or DEFAULT_PREFIX
+    if prefix != DEFAULT_PREFIX:
+        notes.append(f"profile {where}: cluster_kwargs.job_name ({prefix!r}) is the prefix of the "
+                     f"job names: each run's jobs are named '{prefix}-<run id>', so that they are "
+                     "found and cancelled by name.")
     said = values.problem("job_name_prefix", prefix)
     for key, rule in CHECKED.items():
         said = said or (values.problem(rule, kwargs[key]) if kwargs.get(key) is not None else None)
@@ -208,3 +210,18 @@ def scheduler_interface(profile: JobqueueProfile) -> str | None:
     dask-jobqueue does)."""
     sched = profile.cluster_kwargs.get("scheduler_options") or {}
     return sched.get("interface") or profile.cluster_kwargs.get("interface")
+
+
+def job_script(profile: JobqueueProfile, log_directory: str, env: Mapping[str, str],
+               address: str) -> str:
+    """The job script each of the profile's jobs runs (RUNID and the ports: chosen by the run)."""
+    from dask_jobqueue.core import Job
+    from dask_jobqueue.slurm import SLURMJob
+
+    kw = harden(profile, job_name=f"{profile.prefix}-RUNID", log_directory=log_directory,
+                env=env, scheduler_port=0, dashboard_address=f"{address}:0")
+    job_keys = {*inspect.signature(Job.__init__).parameters,
+                *inspect.signature(SLURMJob.__init__).parameters}
+    job_kw = {k: v for k, v in kw.items() if k in job_keys and k not in ("scheduler", "name")}
+    return SLURMJob(scheduler=f"tcp://{address}:SCHEDULER_PORT", name="worker",
+                    **job_kw).job_script()

@@ -131,7 +131,7 @@ class RunCluster(SLURMCluster):
         try:
             super().__init__(**plan.cluster_kwargs(
                 self.askap_job_name, self.askap_log_dir, address, *self._askap_ports.ports),
-                job_cls=jobs.BoardJob, **kwargs)
+                job_cls=jobs.BoardJob, **kwargs)  # type: ignore[arg-type]  # typed an instance
         except BaseException:
             self.askap_release()
             raise
@@ -181,5 +181,6 @@ def task_runner(cluster: str | os.PathLike | Mapping[str, Any], **overrides: Any
     cancelled) when it ends. Checked here: the profile; at the run's start: SLURM and the job.
     """
     plan = plan_for(cluster, overrides)
-    return DaskTaskRunner(cluster_class=RunCluster, cluster_kwargs={"plan": plan},
-                          adapt_kwargs=dict(plan.adapt_kwargs) or None)
+    # ignore: Prefect 3 types cluster_class a callable without arguments; it is called with them
+    return DaskTaskRunner(cluster_class=RunCluster, cluster_kwargs={"plan": plan},  # type: ignore[arg-type, unused-ignore]
+                          adapt_kwargs=dict(plan.adapt_kwargs))
