@@ -40,6 +40,7 @@ class Plan:
     alloc: AllocationSpec | None = None  # this library's form
     jobqueue: cluster_yaml.JobqueueProfile | None = None  # the dask-jobqueue form
     adapt_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    mpi: Mapping[str, Any] = field(default_factory=dict)  # this library's form: its mpi section
 
     @property
     def prefix(self) -> str:
@@ -95,7 +96,8 @@ def plan_for(cluster: str | os.PathLike | Mapping[str, Any],
         return Plan(jobqueue=jq, adapt_kwargs=jq.adapt_kwargs)
     adapt = over.pop(ADAPT, None) or {}
     cluster_yaml._check_adapt(where, adapt)  # noqa: SLF001 - the same checks for both forms
-    section = profile_sections(data, where)["allocation"]
+    sections = profile_sections(data, where)
+    section = sections["allocation"]
     try:
         alloc = AllocationSpec(**{**section, **{k: v for k, v in over.items() if v is not None}})
     except TypeError as exc:
@@ -107,7 +109,7 @@ def plan_for(cluster: str | os.PathLike | Mapping[str, Any],
         raise SpecError(f"profile {where}: adapt_kwargs scales single-node worker jobs, but the "
                         f"allocation has nodes={alloc.nodes}. Set nodes=1 for the adaptive shape, "
                         "or leave adapt_kwargs out for one job of N nodes (the MPI shape).")
-    return Plan(alloc=alloc, adapt_kwargs=dict(adapt))
+    return Plan(alloc=alloc, adapt_kwargs=dict(adapt), mpi=sections["mpi"])
 
 
 class RunCluster(SLURMCluster):
@@ -164,6 +166,16 @@ class RunCluster(SLURMCluster):
             await super().__aexit__(*exc)
         finally:
             await asyncio.to_thread(self.askap_release)
+
+
+def current_cluster() -> RunCluster | None:
+    """The RunCluster of the flow run this is called from (None: not a task_runner's flow run).
+    Prefect 3 builds the cluster here if no task has been submitted yet."""
+    from . import compat
+
+    client = compat.current_dask_client()
+    cluster = getattr(client, "cluster", None)
+    return cluster if isinstance(cluster, RunCluster) else None
 
 
 def task_runner(cluster: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> DaskTaskRunner:
