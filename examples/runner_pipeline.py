@@ -47,4 +47,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with askap_flows.prefect_server():  # the jobs' workers report to this server
+        main()

@@ -196,3 +196,11 @@ def test_scancel_fails_the_mpi_task_with_the_slurm_state(no_jobs_left):
     text = str(err.value)
     assert "was cancelled while its sub-flow was running (state CANCELLED" in text, text
     print(f"the task failed {failed - cancelled[0]:.1f} s after scancel")
+
+
+def test_doctor_checks_a_profile_in_dask_jobqueues_form():
+    r = subprocess.run([sys.executable, "-m", "askap_flows.cli", "doctor", "--profile",
+                        str(CLUSTERS / "mpi.yaml")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    assert " OK " in rows["profile"] and "3 wanted" in rows["partition"], r.stdout

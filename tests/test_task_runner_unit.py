@@ -174,3 +174,13 @@ def test_render_of_the_jobqueue_form_refuses_library_flags():
     r = cli("render", "--profile", str(MPI), "--nodes", "2")
     assert r.returncode != 0 and "dask-jobqueue's form: --nodes" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_jobqueue_form_as_the_allocation_doctor_checks():
+    alloc = cluster_yaml.as_allocation(flow_runner.plan_for(FLINT_STYLE).jobqueue)
+    assert (alloc.partition, alloc.account, alloc.interface, alloc.scheduler_interface) == (
+        "work", "askaprt", "ib0", "ib0")
+    assert (alloc.nodes, alloc.cpus_per_task, alloc.memory, alloc.walltime) == (
+        1, 4, "8GB", "01:00:00")
+    alloc = cluster_yaml.as_allocation(flow_runner.plan_for(MPI).jobqueue)
+    assert (alloc.nodes, alloc.ntasks_per_node, alloc.job_name_prefix) == (3, 2, "example-mpi")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import cluster_yaml, host, mpi, slurm
-from .spec import BACKENDS, SpecError, load_profile, packaged_profiles, read_profile
+from .spec import BACKENDS, MPISpec, SpecError, load_profile, packaged_profiles, read_profile
 
 
 def cmd_build_mpi(args) -> int:
@@ -111,8 +111,12 @@ def cmd_doctor(args) -> int:
     if args.backend is None:
         chosen = args.profile or os.environ.get("ASKAP_FLOWS_PROFILE")
         args.backend = "slurm" if chosen and chosen != "local" else "local"
-    rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent,
-                             specs=lambda: cli_specs(args))
+    specs = lambda: cli_specs(args)  # noqa: E731
+    if args.profile and cluster_yaml.is_jobqueue_form(load_profile(args.profile)[1]):
+        path, data = load_profile(args.profile)  # dask-jobqueue's form: what its jobs ask for
+        specs = lambda: (cluster_yaml.as_allocation(cluster_yaml.read(data, str(path))),  # noqa: E731
+                         MPISpec())
+    rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent, specs=specs)
     print(doctor.render_table(rows))
     failed = [r.name for r in rows if r.status == doctor.FAIL]
     print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed

@@ -225,3 +225,30 @@ def job_script(profile: JobqueueProfile, log_directory: str, env: Mapping[str, s
     job_kw = {k: v for k, v in kw.items() if k in job_keys and k not in ("scheduler", "name")}
     return SLURMJob(scheduler=f"tcp://{address}:SCHEDULER_PORT", name="worker",
                     **job_kw).job_script()
+
+
+def _directive_number(directives: list[str], long: str, short: str) -> int | None:
+    for d in directives:
+        for flag in (f"{long}=", f"{short} ", f"{short}="):
+            if d.startswith(flag) and d[len(flag):].strip().isdigit():
+                return int(d[len(flag):])
+    return None
+
+
+def as_allocation(profile: JobqueueProfile):
+    """The profile as this library's AllocationSpec, for ``askap-flows doctor``'s checks
+    (partition, account, interfaces, nodes): what the jobs ask SLURM for."""
+    from .spec import AllocationSpec
+
+    kw = profile.cluster_kwargs
+    directives = list(kw.get("job_extra_directives") or [])
+    given = dict(
+        nodes=_directive_number(directives, "--nodes", "-N") or 1,
+        ntasks_per_node=_directive_number(directives, "--ntasks-per-node", "--ntasks-per-node")
+        or 1,
+        cpus_per_task=kw.get("job_cpu") or kw.get("cores") or 1, cores=kw.get("cores") or 1,
+        memory=kw.get("memory"), walltime=kw.get("walltime"), partition=kw.get("queue"),
+        account=kw.get("account"), interface=kw.get("interface"),
+        scheduler_interface=scheduler_interface(profile), job_name_prefix=profile.prefix)
+    return AllocationSpec(**{k: str(v) if k == "walltime" else v
+                             for k, v in given.items() if v is not None})
