@@ -242,7 +242,7 @@ def as_allocation(profile: JobqueueProfile):
 
     kw = profile.cluster_kwargs
     directives = list(kw.get("job_extra_directives") or [])
-    given = dict(
+    given: dict[str, Any] = dict(
         nodes=_directive_number(directives, "--nodes", "-N") or 1,
         ntasks_per_node=_directive_number(directives, "--ntasks-per-node", "--ntasks-per-node")
         or 1,
@@ -250,5 +250,6 @@ def as_allocation(profile: JobqueueProfile):
         memory=kw.get("memory"), walltime=kw.get("walltime"), partition=kw.get("queue"),
         account=kw.get("account"), interface=kw.get("interface"),
         scheduler_interface=scheduler_interface(profile), job_name_prefix=profile.prefix)
-    return AllocationSpec(**{k: str(v) if k == "walltime" else v
-                             for k, v in given.items() if v is not None})
+    chosen: dict[str, Any] = {k: str(v) if k == "walltime" else v
+                              for k, v in given.items() if v is not None}
+    return AllocationSpec(**chosen)

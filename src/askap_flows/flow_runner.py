@@ -155,6 +155,20 @@ class RunCluster(SLURMCluster):
             board.board().untrack(self.askap_job_name)
             self._askap_ports.release()
 
+    def __enter__(self) -> RunCluster:
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.askap_release()
+            raise
+
+    async def __aenter__(self) -> RunCluster:
+        try:
+            return await super().__aenter__()
+        except BaseException:
+            await asyncio.to_thread(self.askap_release)
+            raise
+
     def __exit__(self, *exc: Any) -> None:
         try:
             super().__exit__(*exc)
