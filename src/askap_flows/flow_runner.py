@@ -27,6 +27,7 @@ from dask_jobqueue import SLURMCluster
 from prefect_dask import DaskTaskRunner
 
 from . import board, cluster_yaml, host, jobs, ports, runners, slurm
+from .runner_watch import LostJobWatch
 from .spec import AllocationSpec, SpecError, load_profile, profile_sections
 
 log = logging.getLogger("askap_flows")
@@ -129,6 +130,7 @@ class RunCluster(SLURMCluster):
             f"{plan.prefix}-check", self.askap_log_dir, address, 0, 0)))
         self._askap_ports = ports.reserve(2, address or "0.0.0.0")
         self._askap_done = False
+        self._askap_watch = LostJobWatch("", "", "")  # replaced once the cluster runs
         board.board().track(self.askap_job_name)
         try:
             super().__init__(**plan.cluster_kwargs(
@@ -155,27 +157,41 @@ class RunCluster(SLURMCluster):
             board.board().untrack(self.askap_job_name)
             self._askap_ports.release()
 
+    def askap_watch(self) -> None:
+        """The MPI shape: a job that ends under the run fails the run's tasks (runner_watch.py).
+        Adaptive jobs end by design (adapt scales them down): there Dask moves the work."""
+        if not self.askap_plan.adapt_kwargs:
+            self._askap_watch = LostJobWatch(self.scheduler_address, self.askap_job_name,
+                                             self.askap_log_dir)
+            self._askap_watch.start()
+
     def __enter__(self) -> RunCluster:
         try:
-            return super().__enter__()
+            entered = super().__enter__()
+            self.askap_watch()
+            return entered
         except BaseException:
             self.askap_release()
             raise
 
     async def __aenter__(self) -> RunCluster:
         try:
-            return await super().__aenter__()
+            entered = await super().__aenter__()
+            self.askap_watch()
+            return entered
         except BaseException:
             await asyncio.to_thread(self.askap_release)
             raise
 
     def __exit__(self, *exc: Any) -> None:
+        self._askap_watch.stop()
         try:
             super().__exit__(*exc)
         finally:
             self.askap_release()
 
     async def __aexit__(self, *exc: Any) -> None:
+        self._askap_watch.stop()
         try:
             await super().__aexit__(*exc)
         finally:
