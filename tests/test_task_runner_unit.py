@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -184,3 +185,34 @@ def test_jobqueue_form_as_the_allocation_doctor_checks():
         1, 4, "8GB", "01:00:00")
     alloc = cluster_yaml.as_allocation(flow_runner.plan_for(MPI).jobqueue)
     assert (alloc.nodes, alloc.ntasks_per_node, alloc.job_name_prefix) == (3, 2, "example-mpi")
+
+
+RELEASE = threading.Event()
+
+
+def _wait_for_release() -> None:
+    RELEASE.wait(60)
+
+
+def test_a_lost_job_fails_the_waiting_tasks_with_slurms_cause():
+    import time
+
+    import distributed
+
+    from askap_flows.board import JobState
+    from askap_flows.runner_watch import LostJobWatch
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as c, \
+            distributed.Client(c, set_as_default=False) as client:
+        future = client.submit(_wait_for_release, pure=False)  # a task whose worker is gone
+        while not c.scheduler.tasks:  # the watch acts seconds after the job is gone
+            time.sleep(0.05)
+        watch = LostJobWatch(c.scheduler_address, "p-abc", "/logs")
+        watch.fail_tasks(JobState("123", "p-abc", "CANCELLED", "None", "", "00:10:00"))
+        with pytest.raises(distributed.client.FutureCancelledError) as err:
+            future.result(timeout=30)
+        RELEASE.set()
+    text = str(err.value)
+    assert "its SLURM job ended" in text
+    assert "SLURM job 123 (p-abc) on ? was cancelled" in text and "state CANCELLED" in text
+    assert "/logs/p-abc-123.err" in text

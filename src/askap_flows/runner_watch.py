@@ -39,23 +39,28 @@ class LostJobWatch(threading.Thread):
     def run(self) -> None:
         b = board.board()
         while not self._stop.wait(0.5):
-            ended = [j for j in b.jobs(self.job_name) if j.ended]
-            if ended and not self._stop.is_set():
-                self.fail_tasks(ended[0])
-                return
+            if self.lost is None:
+                ended = [j for j in b.jobs(self.job_name) if j.ended]
+                if ended and not self._stop.is_set():
+                    self.fail_tasks(ended[0])
+            else:  # tasks submitted since would wait for a worker forever too
+                self.cancel_unfinished()
 
     def fail_tasks(self, job: board.JobState) -> None:
+        """Log SLURM's cause of the job's end once, and fail the unfinished tasks with it."""
         err = f"{self.log_dir}/{self.job_name}-{job.job_id}.err"
         self.lost = str(slurm.job_lost(job, self.job_name, err))
-        if self._stop.is_set():
-            return
         log.error("%s", self.lost)
+        self.cancel_unfinished()
+
+    def cancel_unfinished(self) -> None:
         from distributed import Client, Future
 
         try:
             with Client(self.scheduler_address, timeout=10, set_as_default=False) as client:
                 keys = client.run_on_scheduler(_unfinished)
                 if keys:
-                    client.cancel([Future(k, client) for k in keys], force=True, msg=self.lost)
+                    client.cancel([Future(k, client) for k in keys], force=True,
+                                  reason="its SLURM job ended", msg=self.lost)
         except Exception as exc:  # noqa: BLE001 - the run is ending anyway; say why it could not
-            log.warning("could not fail the tasks of lost job %s: %s", job.job_id, exc)
+            log.warning("could not fail the tasks of lost job %s: %s", self.job_name, exc)
