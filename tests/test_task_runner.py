@@ -248,3 +248,12 @@ def test_scancel_fails_a_plain_task_of_the_mpi_shape_with_the_slurm_state(no_job
 def jobs_named_full(prefix: str) -> str:
     out = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
     return next(n for n in out.split() if n.startswith(prefix))
+
+
+def test_example_pipeline_runs(hello_program, tmp_path, no_jobs_left):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "runner_pipeline.py")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "ASKAP_FLOWS_HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "sum of squares: 506; MPI job " in r.stdout, r.stdout
+    assert "6 ranks on node1,node2,node3" in r.stdout, r.stdout
