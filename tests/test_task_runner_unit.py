@@ -216,3 +216,22 @@ def test_a_lost_job_fails_the_waiting_tasks_with_slurms_cause():
     assert "its SLURM job ended" in text
     assert "SLURM job 123 (p-abc) on ? was cancelled" in text and "state CANCELLED" in text
     assert "/logs/p-abc-123.err" in text
+
+
+def test_mpi_task_layout_over_the_profiles_mpi_section():
+    from askap_flows import runner_mpi
+
+    section = {"nodes": 3, "ntasks": 6, "ntasks_per_node": 2, "mpi_plugin": "pmi2"}
+    spec = runner_mpi.resolve({"nodes": 2, "ntasks": 2}, section)  # a new layout
+    assert (spec.nodes, spec.ntasks, spec.ntasks_per_node, spec.mpi_plugin) == (2, 2, None, "pmi2")
+    assert runner_mpi.resolve({"timeout": 5}, section).ntasks_per_node == 2
+    assert runner_mpi.resolve(None, {"launcher": "mpiexec"}).launcher == "srun"  # in the job
+    with pytest.raises(SpecError, match="mpi_task: .*nodez.*Valid keys: nodes, ntasks"):
+        runner_mpi.resolve({"nodez": 2}, section)
+
+
+def test_mpi_task_outside_a_runners_flow_says_how_to_use_it():
+    from askap_flows import runner_mpi
+
+    with pytest.raises(RuntimeError, match="task_runner is askap_flows.task_runner.*MPI shape"):
+        runner_mpi.mpi_task.fn({"nodes": 1, "ntasks": 1})

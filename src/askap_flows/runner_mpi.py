@@ -27,11 +27,15 @@ NOT_ON_RUNNER = (
 
 
 def resolve(given: MPISpec | Mapping[str, Any] | None, section: Mapping[str, Any]) -> MPISpec:
-    """The step's MPISpec: a given one, or a mapping over the profile's mpi section."""
+    """The step's MPISpec: a given one, or a mapping over the profile's mpi section (a mapping
+    with nodes or ntasks but no ntasks_per_node drops the profile's ntasks_per_node)."""
     if isinstance(given, MPISpec):
         return given
+    over = dict(given or {})
+    if ("nodes" in over or "ntasks" in over) and "ntasks_per_node" not in over:
+        section = {k: v for k, v in section.items() if k != "ntasks_per_node"}  # a new layout
     try:
-        spec = MPISpec(**{**section, **dict(given or {})})
+        spec = MPISpec(**{**section, **over})
     except TypeError as exc:
         raise SpecError(f"mpi_task: {exc}. Valid keys: "
                         f"{', '.join(f.name for f in dataclasses.fields(MPISpec))}.") from None
