@@ -108,6 +108,7 @@ def test_adaptive_shape_grows_to_three_jobs_under_load_and_shrinks_back(no_jobs_
         watcher.join()
     assert total == sum(range(24))
     counts = [len(s) for s in seen]
+    print("RUNNING jobs of the run, every 0.5 s:", counts)
     peak = counts.index(max(counts))
     assert max(counts) == 3, counts
     assert 1 in counts[:peak], f"did not grow from one job: {counts}"
