@@ -102,11 +102,11 @@ def test_adaptive_shape_grows_to_three_jobs_under_load_and_shrinks_back(no_jobs_
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        total = adaptive_flow.with_options(task_runner=runner)(n=24)
+        total = adaptive_flow.with_options(task_runner=runner)(n=15)
     finally:
         stop.set()
         watcher.join()
-    assert total == sum(range(24))
+    assert total == sum(range(15))
     counts = [len(s) for s in seen]
     print("RUNNING jobs of the run, every 0.5 s:", counts)
     peak = counts.index(max(counts))
