@@ -88,24 +88,28 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    slurm.check_available()
-    jobs = slurm.jobs_with_prefix(args.prefix)
+    where = args.clusters
+    if where is None and args.profile:  # the clusters: its sub-flows submitted to (sbatch -M)
+        where = read_profile(args.profile)["allocation"].get("clusters")
+    slurm.check_available(where)
+    jobs = slurm.jobs_with_prefix(args.prefix, where)
+    on = f" on cluster(s) {where}" if where else ""
     if not jobs:
-        print(f"no SLURM jobs named {args.prefix}-* are left")
+        print(f"no SLURM jobs named {args.prefix}-* are left{on}")
         return 0
-    print(f"{len(jobs)} SLURM job(s) named {args.prefix}-* (left by a pipeline that died, or "
+    print(f"{len(jobs)} SLURM job(s) named {args.prefix}-*{on} (left by a pipeline that died, or "
           "belonging to one still running):")
-    for job_id, name, state, nodes in jobs:
-        print(f"  {job_id:>10}  {name:28s} {state:12s} {nodes}")
+    for cluster, job_id, name, state, nodes in jobs:
+        print(f"  {cluster or '-':10s} {job_id:>10}  {name:28s} {state:12s} {nodes}")
     if not args.yes:
         print("nothing cancelled; run again with --yes to cancel them (make sure no pipeline of "
               "yours is still running)")
         return 0
     from .jobs import cancel_named
 
-    for _, name, _, _ in jobs:  # one scancel each; the process's job board watches them end
-        cancel_named(name)
-    left = slurm.jobs_with_prefix(args.prefix)
+    for cluster, _, name, _, _ in jobs:  # one scancel each; the job board watches them end
+        cancel_named(name, clusters_=cluster or None)
+    left = slurm.jobs_with_prefix(args.prefix, where)
     still = f"; {len(left)} still listed" if left else ""
     print(f"cancelled {len(jobs) - len(left)} job(s){still}")
     return 1 if left else 0
@@ -303,6 +307,11 @@ def parser() -> argparse.ArgumentParser:
                                        "askap_flows pipelines that died")
     c.add_argument("--prefix", default="askapflows", help="job name prefix (default: askapflows)")
     c.add_argument("--yes", action="store_true", help="cancel them")
+    c.add_argument("--clusters", default=None, metavar="NAMES",
+                   help="look on these SLURM clusters (squeue/scancel -M; default: the "
+                        "profile's allocation: clusters:, else this host's cluster)")
+    c.add_argument("--profile", default=None,
+                   help="take --clusters from this profile's allocation: clusters:")
     c.set_defaults(func=cmd_cleanup)
     add_database_commands(sub)
     return p
