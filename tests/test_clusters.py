@@ -167,3 +167,17 @@ def test_cleanup_lists_and_cancels_on_the_profiles_clusters(fake_shell, fresh_bo
 def test_a_lost_job_names_its_cluster(fake_shell):
     job = board.JobState("42", "run-x", "CANCELLED", "None", "", "00:01:00", "far")
     assert "SLURM job 42 on cluster far (run-x)" in str(slurm.job_lost(job, "run-x", "/l"))
+
+
+def test_a_job_on_another_cluster_does_not_get_this_hosts_slurm_conf():
+    """Its srun would ask this host's controller about a job id of another cluster."""
+    from askap_flows.spec import AllocationSpec
+
+    env = {"SLURM_CONF": "/etc/login/slurm.conf", "PREFECT_API_URL": "http://h:1/api"}
+    far = slurm.cluster_kwargs(AllocationSpec(clusters="far"), job_name="j", log_directory="/l",
+                               env=env, dashboard_address=None)["job_script_prologue"]
+    here = slurm.cluster_kwargs(AllocationSpec(), job_name="j", log_directory="/l", env=env,
+                                dashboard_address=None)["job_script_prologue"]
+    assert "export SLURM_CONF=/etc/login/slurm.conf" in here
+    assert not any("SLURM_CONF" in line for line in far)
+    assert "export PREFECT_API_URL=http://h:1/api" in far

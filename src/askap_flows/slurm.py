@@ -84,6 +84,12 @@ def env_exports(env: Mapping[str, str]) -> list[str]:
     return [f"export {k}={shlex.quote(env[k])}" for k in EXPORTED_ENV if env.get(k)]
 
 
+def _for_cluster(env: Mapping[str, str], alloc: AllocationSpec) -> Mapping[str, str]:
+    """A job on another cluster (``clusters:``) does not get this host's SLURM_CONF: that names
+    this cluster's controller, and the job's ``srun`` must reach its own."""
+    return {k: v for k, v in env.items() if not (alloc.clusters and k == "SLURM_CONF")}
+
+
 def cluster_kwargs(
     alloc: AllocationSpec,
     *,
@@ -128,7 +134,8 @@ def cluster_kwargs(
         # our own --output/--error: dask-jobqueue's log_directory lines are not quoted
         job_extra_directives=job_directives(alloc) + [
             f'--output="{log_directory}/%x-%j.out"', f'--error="{log_directory}/%x-%j.err"'],
-        job_script_prologue=env_exports(env) + local_dir_export(alloc) + list(alloc.prologue),
+        job_script_prologue=env_exports(_for_cluster(env, alloc)) + local_dir_export(alloc)
+        + list(alloc.prologue),
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 
