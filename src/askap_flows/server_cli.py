@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import mpi
+from .spec import whole_number
 
 
 def cmd_db_url(args) -> int:
@@ -88,15 +89,20 @@ def cmd_server(args) -> int:
     try:
         host = database.interface_address(args.interface) if args.interface else args.host
         url = server_database_url(args, home)
-        plan = database.preflight(args.max_concurrent, database_url=url)
+        plan = database.preflight(args.max_concurrent, database_url=url,
+                                  max_connections=whole_number("--max-connections",
+                                                               args.max_connections))
         with socket.socket() as probe:
             try:
                 probe.bind((host, args.port))
             except OSError as exc:
                 raise ServerError(f"cannot listen on {host}:{args.port} ({exc.strerror}). Fix: "
-                                  "choose another --port, or stop what holds it.") from None
-        server = PrefectServer(home, plan.url, host=host, port=args.port,
+                                  "choose another --port (0: any free one), or stop what holds "
+                                  "it.") from None
+        server = PrefectServer(home, plan.url, host=host, port=args.port or None,
                                settings=plan.server_env).start()
+        if args.url_file:
+            write_url_file(Path(args.url_file), server.api_url)
     except (database.DatabaseError, ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -119,10 +125,42 @@ def cmd_server(args) -> int:
         server.stop()
         print("server stopped", file=sys.stderr)
         return 0
+    finally:
+        if args.url_file:
+            remove_url_file(Path(args.url_file), server.api_url)
     code = server.proc.returncode if server.proc else "?"
     print(f"error: the Prefect server exited (code {code})."
           f" Last lines of {server.log_path}:\n{server._log_tail()}", file=sys.stderr)
     return 1
+
+
+def url_file_text(api_url: str) -> str:
+    """What ``--url-file`` holds: one line for ``source`` (pure)."""
+    return f"export PREFECT_API_URL={shlex.quote(api_url)}\n"
+
+
+def write_url_file(path: Path, api_url: str) -> None:
+    """Write the URL file at once (a reader never sees half of it), once the server answers."""
+    from .server import ServerError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(url_file_text(api_url))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ServerError(f"cannot write --url-file {path} ({exc.strerror}). Fix: give a path in "
+                          "a directory you can write, on a file system the pipeline's node "
+                          "sees.") from None
+
+
+def remove_url_file(path: Path, api_url: str) -> None:
+    """The server stopped: its URL file goes (only if it is still this server's)."""
+    try:
+        if path.read_text() == url_file_text(api_url):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def add_database_commands(sub) -> None:
@@ -161,9 +199,16 @@ def add_database_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on and to print (default: 127.0.0.1, this node only)")
     s.add_argument("--interface", metavar="IF", help="listen on IF's IPv4 address (e.g. ib0)")
-    s.add_argument("--port", type=int, default=4200, help="default: 4200")
+    s.add_argument("--port", type=int, default=4200,
+                   help="default: 4200; 0: any free port (see --url-file)")
     s.add_argument("--max-concurrent", type=int, default=4, metavar="K",
                    help="sub-flows the pipelines will run at once, for pool sizing (default: 4)")
+    s.add_argument("--max-connections", type=int, default=100, metavar="N",
+                   help="the database's max_connections, for pool sizing (default: 100, "
+                        "PostgreSQL's; scripts/postgres_database.sh sets --max-connections)")
+    s.add_argument("--url-file", metavar="FILE",
+                   help="once the server answers, write 'export PREFECT_API_URL=URL' to FILE "
+                        "(a pipeline job waits for it and sources it); removed when it stops")
     s.add_argument("--home", help="PREFECT_HOME of the server (default: $PREFECT_HOME, else "
                                   "./.askap_flows/prefect3, prefect2 under Prefect 2)")
     s.set_defaults(func=cmd_server)
