@@ -2,6 +2,7 @@
 the same ``-M``, and a job is known by (cluster, id). The argv each step renders, recorded through
 the one subprocess seam (no SLURM needed)."""
 
+import pickle
 import threading
 
 import pytest
@@ -116,6 +117,7 @@ def test_the_job_class_of_a_clusters_profile_cancels_on_the_job_s_cluster():
     assert job._job_id_from_submit_output("Submitted batch job 42 on cluster far") == "42"
     assert job.cluster == "far" and job.cancel_command == "scancel -M far"
     assert jobs.board_job_class("galaxy").cancel_command == "scancel -M galaxy"
+    assert pickle.loads(pickle.dumps(cls)) is cls  # a task runner's arguments may be copied
 
 
 def test_preflight_sinfo_and_the_node_check_carry_dash_m(fake_shell):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -112,8 +113,11 @@ def board_job_class(clusters_: str | None) -> type[BoardJob]:
     from the job script): their close cancels on the cluster sbatch named."""
     if not clusters_:
         return BoardJob
-    return type("BoardJob", (BoardJob,), {"clusters": clusters_,
-                                          "cancel_command": shlex.join(cancel_argv(clusters_))})
+    name = "BoardJob_" + re.sub(r"\W", "_", clusters_)
+    cls = type(name, (BoardJob,), {"clusters": clusters_, "__module__": __name__,
+                                   "cancel_command": shlex.join(cancel_argv(clusters_))})
+    globals()[name] = cls  # found by name, as pickle and copy look a class up
+    return cls
 
 
 def cancel_argv(clusters_: str | None) -> list[str]:
