@@ -143,8 +143,10 @@ def test_a_rejected_test_submit_shows_sinfo_of_the_scripts_cluster(monkeypatch):
 
 
 SQUEUE_M = """CLUSTER: far
+JOBID|NAME|STATE|NODELIST
 42|askapflows-aa|RUNNING|farnode1
 CLUSTER: near
+JOBID|NAME|STATE|NODELIST
 42|askapflows-bb|PENDING|
 7|other-job|RUNNING|n1
 """
@@ -158,12 +160,15 @@ def test_cleanup_lists_and_cancels_on_the_profiles_clusters(fake_shell, fresh_bo
     assert cli.main(["cleanup", "--profile", str(profile), "--yes"]) == 1  # still listed
     squeues = fake_shell.of("squeue")
     assert squeues and all(c[1:3] == ["-M", "far,near"] for c in squeues)
+    assert "-h" not in squeues[0]  # it would drop the CLUSTER: lines (SLURM 22.05)
     assert sorted(fake_shell.of("scancel")) == [["scancel", "-M", "far", "--name", "askapflows-aa"],
                                                 ["scancel", "-M", "near", "--name", "askapflows-bb"]]
     out = capsys.readouterr().out
     assert "far" in out and "near" in out and "other-job" not in out
     assert clusters.parse_queue(SQUEUE_M)[0] == ("far", "42", "askapflows-aa", "RUNNING",
                                                  "farnode1")
+    assert len(clusters.parse_queue(SQUEUE_M)) == 3  # the header lines are not jobs
+    assert clusters.queue_command("u", None)[:2] == ["squeue", "-h"]
 
 
 def test_a_lost_job_names_its_cluster(fake_shell):

@@ -57,7 +57,10 @@ def test_the_services_job_serves_a_pipeline_job_and_leaves_nothing(hello_program
     env.update(ASKAP_SERVICES_DIR=str(d), ASKAP_SERVICES_IFACE="lo",
                ASKAP_SERVICES_ALLOW="127.0.0.0/8", ASKAP_SERVICES_PG_PORT=str(free_port()),
                ASKAP_SERVICES_MAX_CONCURRENT="4", ASKAP_FLOWS_CHECKOUT=str(ROOT),
-               ASKAP_VENV=sys.prefix, ASKAP_FLOWS_HOME=str(d / "home"))
+               ASKAP_VENV=sys.prefix, ASKAP_FLOWS_HOME=str(d / "home"),
+               # the local backend's mpiexec in a job: MPICH's hydra would start its ranks with
+               # srun and look up the test bed's node names, which only SLURM knows
+               HYDRA_BOOTSTRAP="fork")
     services = pipeline = None
     try:
         services = sbatch("-o", str(d / "services.out"), "-e", str(d / "services.err"),

@@ -62,20 +62,26 @@ def cancel_name(clusters: str | None, name: str) -> list[str]:
     return ["scancel", *args(clusters), "--name", name]
 
 
+_QUEUE_HEADER = "JOBID|NAME|STATE|NODELIST"  # squeue's header line for the format below
+
+
 def queue_command(user: str, clusters: str | None) -> list[str]:
-    """``squeue`` of this user's jobs on ``clusters``, one ``id|name|state|nodes`` line each."""
-    return ["squeue", *args(clusters), "-h", "-u", user, "-o", "%i|%j|%T|%N"]
+    """``squeue`` of this user's jobs on ``clusters``, one ``id|name|state|nodes`` line each.
+    With ``-M``, no ``-h``: it would also drop the ``CLUSTER: NAME`` line heading each cluster's
+    jobs (SLURM 22.05), the only place squeue says which cluster a job is on."""
+    where = args(clusters)
+    return ["squeue", *where, *([] if where else ["-h"]), "-u", user, "-o", "%i|%j|%T|%N"]
 
 
-def parse_queue(out: str) -> list[tuple[str, str, str, str, str]]:
-    """(cluster, id, name, state, nodes) from ``queue_command``'s answer. With ``-M`` squeue heads
-    each cluster's lines with ``CLUSTER: NAME``; without it every line is the local cluster's."""
-    rows, cluster = [], LOCAL
+def parse_queue(out: str, clusters: str | None = None) -> list[tuple[str, str, str, str, str]]:
+    """(cluster, id, name, state, nodes) from ``queue_command``'s answer for ``clusters``: each
+    cluster's lines follow its ``CLUSTER: NAME`` line (without -M all are the local cluster's)."""
+    rows, cluster = [], members(clusters)[0]
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("CLUSTER:"):
             cluster = line.split(":", 1)[1].strip()
-        elif line.count("|") == 3:
+        elif line.count("|") == 3 and line != _QUEUE_HEADER:
             job_id, name, state, nodes = line.split("|")
             rows.append((cluster, job_id, name, state, nodes))
     return rows

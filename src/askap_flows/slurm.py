@@ -241,7 +241,7 @@ def jobs_with_prefix(prefix: str, clusters: str | None = None
     host's cluster) whose name starts with ``prefix-``."""
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     out = _slurm(clusters_.queue_command(user, clusters))
-    return [r for r in clusters_.parse_queue(out) if r[2].startswith(f"{prefix}-")]
+    return [r for r in clusters_.parse_queue(out, clusters) if r[2].startswith(f"{prefix}-")]
 
 
 def job_info(job_id: str) -> dict[str, str]:
