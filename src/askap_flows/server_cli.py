@@ -122,6 +122,8 @@ def cmd_server(args) -> int:
         while server.proc is not None and server.proc.poll() is None:
             time.sleep(1)
     except KeyboardInterrupt:
+        if args.url_file:  # first: a batch job's SIGKILL may follow its SIGTERM within seconds
+            remove_url_file(Path(args.url_file), server.api_url)
         server.stop()
         print("server stopped", file=sys.stderr)
         return 0
