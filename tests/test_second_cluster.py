@@ -59,13 +59,13 @@ def queue(env: dict, prefix: str, far: bool) -> list[str]:
     return sorted(line.strip() for line in out.splitlines() if line.startswith(prefix))
 
 
-def profile(tmp_path: Path, prefix: str, sleep: int = 0) -> Path:
+def profile(tmp_path: Path, prefix: str, sleep: int = 0, start_timeout: int = 60) -> Path:
     path = tmp_path / "far.yaml"
     args = f"  args: ['--sleep', '{sleep}']\n" if sleep else ""
     path.write_text(f"allocation:\n  clusters: {FAR}\n  job_name_prefix: {prefix}\n"
                     "  nodes: 1\n  ntasks_per_node: 2\n  cores: 1\n  memory: 500MB\n"
                     "  partition: debug\n  interface: lo\n  scheduler_interface: lo\n"
-                    "  start_timeout: 60\n"
+                    f"  start_timeout: {start_timeout}\n"
                     "mpi:\n  nodes: 1\n  ntasks: 2\n  mpi_plugin: pmi2\n  launcher: srun\n" + args)
     return path
 
@@ -79,8 +79,11 @@ def nothing_left(env: dict, prefix: str) -> None:
 
 
 def test_a_clusters_subflow_runs_on_the_other_cluster(far_env, tmp_path, hello_program):
+    """Its step runs longer than the watch waits for the job to appear on the board (10 s): a
+    board that asked the wrong cluster fails it with "no SLURM job ... appeared"."""
     prefix = f"farok{os.getpid()}"
-    r = run_main("--backend", "slurm", "--profile", str(profile(tmp_path, prefix)),
+    far = profile(tmp_path, prefix, sleep=12, start_timeout=10)
+    r = run_main("--backend", "slurm", "--profile", str(far),
                  "--subflows", "1", "--json", "--program", hello_program, timeout=180,
                  env={**far_env, "ASKAP_FLOWS_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -91,9 +94,15 @@ def test_a_clusters_subflow_runs_on_the_other_cluster(far_env, tmp_path, hello_p
 
 
 def test_sigint_cancels_the_jobs_on_the_other_cluster(far_env, tmp_path, hello_program):
+    """The run's job waits PENDING behind a job holding the far node (a pending job never ends by
+    itself): only a cancel with -M removes it."""
     prefix = f"farint{os.getpid()}"
     env = {**os.environ, **far_env, "ASKAP_FLOWS_HOME": str(tmp_path / "home")}
     env = {k: v for k, v in env.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    block = subprocess.run(["sbatch", "--parsable", "-M", FAR, "-p", "debug", "-n", "2", "-J",
+                            f"blk{os.getpid()}", "-o", "/dev/null", "--wrap", "sleep 300"],
+                           capture_output=True, text=True, env=env, timeout=30)
+    assert block.returncode == 0, block.stderr
     proc = subprocess.Popen(
         [sys.executable, "-m", "askap_flows.run", "--backend", "slurm", "--profile",
          str(profile(tmp_path, prefix, sleep=120)), "--subflows", "1", "--program",
@@ -105,13 +114,14 @@ def test_sigint_cancels_the_jobs_on_the_other_cluster(far_env, tmp_path, hello_p
             assert proc.poll() is None and time.monotonic() < deadline, \
                 proc.communicate(timeout=30)[1][-3000:] if proc.poll() is not None else "no job"
             time.sleep(0.5)
-        time.sleep(3)  # the sub-flow's task is running in the job (its watch polls -M too)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
+        subprocess.run(["scancel", "-M", FAR, block.stdout.strip().split(";")[0]], env=env,
+                       timeout=30)
     assert proc.returncode == 130, err[-3000:]
     nothing_left(far_env, prefix)
 
