@@ -16,6 +16,10 @@
 #   slurm_testbed.sh stop-controller stop slurmctld (a controller restart or outage: every
 #                                    SLURM command fails until start-controller); jobs keep running
 #   slurm_testbed.sh start-controller start slurmctld again and wait until it answers
+#   slurm_testbed.sh up-second-cluster | down-second-cluster | status-second-cluster
+#                                    opt-in: a second cluster "askapfar" (own slurmctld and node,
+#                                    with slurmdbd on MariaDB) for -M; the test bed's own daemons
+#                                    and slurm.conf are untouched (scripts/slurm_second_cluster.sh)
 #
 # Knobs: ASKAP_TESTBED_DIR (/tmp/askap_testbed), ASKAP_TESTBED_NODES (3),
 #        ASKAP_TESTBED_CPUS (4 per node), ASKAP_TESTBED_MEM (4000 MB per node).
@@ -512,6 +516,10 @@ cmd_down() {
   need_root
   if [ ! -d "$DIR" ]; then log "nothing to stop ($DIR does not exist)"; return 0; fi
   stop_watchdog   # first, so that it does not restart what we stop
+  # the opt-in second cluster uses this test bed's munged: it goes first
+  if [ -d "${ASKAP_FAR_DIR:-/tmp/askap_testbed_far}/run" ]; then
+    bash "${SELF%/*}/slurm_second_cluster.sh" down || true
+  fi
   if pid_of "$RUN/slurmctld.pid" slurmctld >/dev/null; then
     jobs=$(squeue -h -o %A 2>/dev/null | sort -u | paste -sd' ' -) || true
     if [ -n "$jobs" ]; then
@@ -693,6 +701,9 @@ main() {
     revive-node) cmd_revive_node "$@" ;;
     stop-controller) cmd_stop_controller ;;
     start-controller) cmd_start_controller ;;
+    up-second-cluster) bash "${SELF%/*}/slurm_second_cluster.sh" up ;;
+    down-second-cluster) bash "${SELF%/*}/slurm_second_cluster.sh" down ;;
+    status-second-cluster) bash "${SELF%/*}/slurm_second_cluster.sh" status ;;
     _watchdog) cmd_watchdog ;;
     -h|--help|help) usage 0 ;;
     *) usage 2 >&2 ;;

@@ -17,11 +17,13 @@ class Recorded:
     def __init__(self, *answers):
         self.answers = list(answers)
         self.calls: list[list[str]] = []
+        self.clusters: list[str] = []  # the cluster each query asked
         self.lock = threading.Lock()
 
-    def __call__(self, names):
+    def __call__(self, names, cluster=""):
         with self.lock:
             self.calls.append(sorted(names))
+            self.clusters.append(cluster)
             answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
             raise answer
@@ -93,7 +95,7 @@ def test_ids_learned_at_submission_are_live_until_seen_ending():
     assert b.live_ids("t") == ([], False)  # nothing known: a cancel must go by name
     b.track("s")
     b.submitted("s", "21")
-    assert b.live_ids("s") == (["21"], True)  # before any poll has seen it
+    assert b.live_ids("s") == ([("", "21")], True)  # before any poll has seen it
     assert b.wait(lambda: bool(b.jobs("s")) and b.jobs("s")[0].ended, 5)
     assert b.live_ids("s") == ([], True)  # ended: nothing to cancel
 
@@ -176,7 +178,8 @@ def test_node_classification_retries_only_for_failed_nodes():
 ])
 def test_only_a_failed_node_makes_a_lost_job_retryable(monkeypatch, state, sinfo, retryable):
     monkeypatch.setattr(slurm, "hostnames", lambda nodelist: ["node1"])
-    monkeypatch.setattr(slurm, "node_problems", lambda nodes: slurm.classify_nodes(sinfo))
+    monkeypatch.setattr(slurm, "node_problems",
+                        lambda nodes, cluster="": slurm.classify_nodes(sinfo))
     job = board.JobState("77", "run-x", state, "None", "node1", "00:01:00")
     lost = slurm.job_lost(job, "run-x", "/logs/run-x-77.err")
     assert lost.retryable is retryable, lost

@@ -467,6 +467,46 @@ def test_cli_server_runs_in_the_foreground(postgres, tmp_path):
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
 
 
+@pytest.mark.postgres
+def test_cli_server_url_file_any_port_and_a_pool_for_hundreds_of_subflows(postgres, tmp_path):
+    """A services job's server: --port 0 takes a free port, --url-file tells the pipeline job
+    where (written once it answers, gone once it stops), and --max-connections lets the pool grow
+    for 200 sub-flows (40+40 within 400 connections, not 30+30 within PostgreSQL's default 100)."""
+    db = f"svc{compat.PREFECT_MAJOR}"
+    postgres.start(db)
+    url_file = tmp_path / "db-url"
+    url_file.write_text(postgres.url(db))
+    url_file.chmod(0o600)
+    found = tmp_path / "shared" / "server.env"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "askap_flows.cli", "server", "--database-url-file", str(url_file),
+         "--host", "127.0.0.1", "--port", "0", "--max-concurrent", "200", "--max-connections",
+         "400", "--url-file", str(found), "--home", str(tmp_path / "home")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        proc.stdout.readline()  # "Prefect UI: ..." once it answers
+        text = found.read_text()
+        assert text.startswith("export PREFECT_API_URL=http://127.0.0.1:") and ":0/" not in text
+        api = text.split("=", 1)[1].strip()
+        database.check_server(api)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        environ = Path(f"/proc/{children[0]}/environ").read_text().split("\0")
+        assert database.size_pool(200, 400).pool_size == 40
+        for name, value in database.size_pool(200, 400).env().items():
+            assert f"{name}={value}" in environ
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert not found.exists(), "the URL file of a stopped server is left"
+
+
+@pytest.mark.unit
+def test_cli_server_refuses_a_bad_max_connections(tmp_path):
+    r = cli("server", "--max-connections", "0", "--home", str(tmp_path), env=clean_env())
+    assert r.returncode == 2 and "--max-connections must be a whole number >= 1" in r.stderr
+
+
 def subflow_runs(api_url: str, flow_name: str) -> tuple[list[dict], list[dict]]:
     """The runs of the flow ``flow_name`` and of all sub-flows of those runs, from the REST API."""
     def post(path: str, body: dict) -> list[dict]:

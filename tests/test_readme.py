@@ -158,3 +158,12 @@ def test_writing_subflows_slurm_command_runs(tmp_path):
     lines = own_programs_lines(run_as_written(GUIDE_SLURM, tmp_path), tmp_path)
     for line in lines.values():
         assert "srun --mpi=pmi2 " in line.split("| ")[1], line
+
+
+@pytest.mark.unit
+def test_site_guide_shows_the_services_and_pipeline_jobs_as_shipped():
+    """The batch scripts in docs/site_guide.md are examples/*.sbatch, character for character
+    (tests/test_services_job.py runs those files on the test bed)."""
+    shown = blocks("bash", ROOT / "docs" / "site_guide.md")
+    for name in ("prefect_services.sbatch", "pipeline_job.sbatch"):
+        assert (ROOT / "examples" / name).read_text() in shown, f"site_guide.md differs from {name}"

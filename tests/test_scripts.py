@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(ROOT.glob("scripts/*.sh")) + [ROOT / ".ci" / "run"]
+SCRIPTS = (sorted(ROOT.glob("scripts/*.sh")) + sorted(ROOT.glob("examples/*.sbatch"))
+           + [ROOT / ".ci" / "run"])
 
 pytestmark = pytest.mark.unit
 

@@ -19,74 +19,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
-from . import shell
+from . import clusters, shell
+from .jobstate import ACTIVE_STATES, GONE, JobState, parse_jobs, query_command  # noqa: F401
 from .slurm import SlurmError
 
 POLL_ENV, GRACE_ENV = "ASKAP_FLOWS_SLURM_POLL", "ASKAP_FLOWS_SLURM_GRACE"
 DEFAULT_POLL, DEFAULT_GRACE = (1.0, 2.0), 60.0
-#: states of a job that has not ended yet (everything else is final)
-ACTIVE_STATES = frozenset({
-    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
-    "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
-})
-
-#: the state of a job that left SLURM's answer before its final state was seen
-GONE = "ENDED"
 
 log = logging.getLogger("askap_flows")
 
 
 class ControllerUnreachable(SlurmError):
     """SLURM did not answer the board's query for longer than the grace period."""
-
-
-@dataclass(frozen=True)
-class JobState:
-    job_id: str
-    name: str
-    state: str
-    reason: str
-    nodelist: str
-    time_limit: str = ""
-
-    @property
-    def ended(self) -> bool:
-        return self.state not in ACTIVE_STATES
-
-
-def query_command() -> list[str]:
-    """One query for every job SLURM knows, including those that ended less than MinJobAge ago.
-
-    ``scontrol -o show job`` costs slurmctld ONE RPC (REQUEST_JOB_INFO); ``squeue`` sends that
-    same RPC (it filters by name on the client side) plus a REQUEST_PARTITION_INFO, measured with
-    ``sdiag`` on SLURM 22.05. The board keeps the lines of the names it tracks.
-    """
-    return ["scontrol", "-o", "show", "job"]
-
-
-_FIELDS = {k: re.compile(rf"(?:^| ){k}=(\S*)") for k in
-           ("JobId", "JobName", "JobState", "Reason", "NodeList", "TimeLimit")}
-
-
-def parse_jobs(text: str, names: Iterable[str] | None = None) -> list[JobState]:
-    """The lines of ``scontrol -o show job`` as JobStates, only those of ``names`` if given
-    (lines without a job id, e.g. "No jobs in the system", are skipped)."""
-    wanted = None if names is None else set(names)
-    jobs = []
-    for line in text.splitlines():
-        found = {k: m.group(1) if (m := rx.search(line)) else "" for k, rx in _FIELDS.items()}
-        if not found["JobId"] or (wanted is not None and found["JobName"] not in wanted):
-            continue
-        nodes = found["NodeList"] if found["NodeList"] != "(null)" else ""
-        jobs.append(JobState(found["JobId"], found["JobName"], found["JobState"],
-                             found["Reason"], nodes, found["TimeLimit"]))
-    return jobs
 
 
 def poll_settings(env: Mapping[str, str] | None = None) -> tuple[float, float, float]:
@@ -108,14 +56,14 @@ def poll_settings(env: Mapping[str, str] | None = None) -> tuple[float, float, f
     return low, high, grace
 
 
-def run_query(names: Sequence[str]) -> str:
-    return shell.output(query_command(), timeout=30)
+def run_query(names: Sequence[str], cluster: str = clusters.LOCAL) -> str:
+    return shell.output(query_command(cluster), timeout=30)
 
 
 class JobBoard:
     """SLURM's view of the jobs this process tracks, refreshed by one thread."""
 
-    def __init__(self, query: Callable[[Sequence[str]], str] = run_query,
+    def __init__(self, query: Callable[[Sequence[str], str], str] = run_query,
                  low: float | None = None, high: float | None = None,
                  grace: float | None = None) -> None:
         d_low, d_high, d_grace = poll_settings()
@@ -125,8 +73,9 @@ class JobBoard:
         self._query = query
         self._cond = threading.Condition()
         self._names: dict[str, int] = {}  # tracked name -> number of holders
-        self._jobs: dict[str, JobState] = {}  # job id -> last seen state
-        self._submitted: dict[str, set[str]] = {}  # name -> job ids sbatch returned
+        self._clusters: dict[str, str | None] = {}  # tracked name -> its profile's clusters:
+        self._jobs: dict[tuple[str, str], JobState] = {}  # (cluster, job id) -> last seen state
+        self._submitted: dict[str, set[tuple[str, str]]] = {}  # name -> what sbatch returned
         self._polls = 0  # successful polls so far
         self._failing_since: float | None = None
         self._error: str | None = None  # set once the controller did not answer for `grace` s
@@ -134,30 +83,39 @@ class JobBoard:
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- tracking
-    def track(self, name: str) -> None:
+    def track(self, name: str, clusters: str | None = None) -> None:
+        """Watch the jobs of ``name``, on the clusters of its profile's ``clusters:`` (None:
+        this host's own cluster, or what an earlier holder of the name said)."""
         with self._cond:
             self._names[name] = self._names.get(name, 0) + 1
+            if clusters or name not in self._clusters:
+                self._clusters[name] = clusters
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="askap-job-board")
                 self._thread.start()
         self._urgent.set()
 
-    def submitted(self, name: str, job_id: str) -> None:
-        """sbatch returned ``job_id`` for ``name``: known before the first poll sees it."""
+    def submitted(self, name: str, job_id: str, cluster: str = clusters.LOCAL) -> None:
+        """sbatch returned ``job_id`` on ``cluster`` for ``name``: known before the first poll."""
         with self._cond:
-            self._submitted.setdefault(name, set()).add(str(job_id))
+            self._submitted.setdefault(name, set()).add((cluster, str(job_id)))
         self._urgent.set()
 
-    def live_ids(self, name: str) -> tuple[list[str], bool]:
-        """(ids of this name's jobs that have not been seen ending, complete): ``complete`` is
+    def clusters_of(self, name: str) -> str | None:
+        """The ``clusters:`` value ``name`` was tracked with (None: this host's cluster)."""
+        with self._cond:
+            return self._clusters.get(name)
+
+    def live_ids(self, name: str) -> tuple[list[tuple[str, str]], bool]:
+        """((cluster, id) of this name's jobs not seen ending, complete): ``complete`` is
         False when a job of this name may exist that the board cannot name (nothing submitted
         through it and nothing seen), so a cancel must go by name."""
         with self._cond:
-            seen = {i: j for i, j in self._jobs.items() if j.name == name}
-            ids = set(self._submitted.get(name, set())) | set(seen)
-            live = sorted(i for i in ids if i not in seen or not seen[i].ended)
-            return live, bool(ids)
+            seen = {k: j for k, j in self._jobs.items() if j.name == name}
+            keys = set(self._submitted.get(name, set())) | set(seen)
+            live = sorted(k for k in keys if k not in seen or not seen[k].ended)
+            return live, bool(keys)
 
     def untrack(self, name: str) -> None:
         with self._cond:
@@ -166,9 +124,10 @@ class JobBoard:
                 self._names[name] = left
                 return
             self._names.pop(name, None)
+            self._clusters.pop(name, None)
             self._submitted.pop(name, None)
-            for job_id in [i for i, j in self._jobs.items() if j.name == name]:
-                del self._jobs[job_id]
+            for key in [k for k, j in self._jobs.items() if j.name == name]:
+                del self._jobs[key]
 
     def tracked(self) -> set[str]:
         with self._cond:
@@ -181,9 +140,9 @@ class JobBoard:
             return sorted((j for j in self._jobs.values() if j.name == name),
                           key=lambda j: int(j.job_id) if j.job_id.isdigit() else 0)
 
-    def job(self, job_id: str) -> JobState | None:
+    def job(self, job_id: str, cluster: str = clusters.LOCAL) -> JobState | None:
         with self._cond:
-            return self._jobs.get(job_id)
+            return self._jobs.get((cluster, job_id))
 
     def all_jobs(self) -> list[JobState]:
         with self._cond:
@@ -231,6 +190,7 @@ class JobBoard:
         while True:
             with self._cond:
                 names = list(self._names)
+                where = sorted({c for n in names for c in clusters.members(self._clusters.get(n))})
             if not names:
                 with self._cond:
                     if not self._names:  # nothing to watch: the thread ends, track() restarts it
@@ -238,7 +198,7 @@ class JobBoard:
                         return
                 continue
             started = time.monotonic()
-            changed = self._poll_once(names)
+            changed = self._poll_once(names, where)
             interval = self.low if changed else min(self.high, interval * 1.5)
             if self._failing_since is not None:
                 interval = min(5.0, max(self.low, (time.monotonic() - self._failing_since) / 4))
@@ -249,9 +209,10 @@ class JobBoard:
             if rest > 0:
                 time.sleep(rest)
 
-    def _poll_once(self, names: list[str]) -> bool:
+    def _poll_once(self, names: list[str], where: Sequence[str] = (clusters.LOCAL,)) -> bool:
+        """One query per cluster the tracked names' jobs may be on (one in the usual case)."""
         try:
-            out = self._query(names)
+            seen = [j for c in where for j in parse_jobs(self._query(names, c), names, c)]
         except Exception as exc:  # noqa: BLE001 - transient controller trouble is ridden out
             now = time.monotonic()
             with self._cond:
@@ -267,7 +228,6 @@ class JobBoard:
                         f"status page; raise {GRACE_ENV} to wait longer.")
                     self._cond.notify_all()
             return True
-        seen = parse_jobs(out, names)
         with self._cond:
             if self._failing_since is not None:
                 log.warning("SLURM answers again after %.0f s",
@@ -276,14 +236,14 @@ class JobBoard:
             tracked = set(self._names)
             changed = False
             for job in seen:
-                if job.name in tracked and self._jobs.get(job.job_id) != job:
-                    self._jobs[job.job_id] = job
+                if job.name in tracked and self._jobs.get(job.key) != job:
+                    self._jobs[job.key] = job
                     changed = True
-            listed = {j.job_id for j in seen}
-            for job_id, job in list(self._jobs.items()):
-                if not job.ended and job_id not in listed:  # ended longer than MinJobAge ago
-                    self._jobs[job_id] = JobState(job.job_id, job.name, GONE, "left the queue",
-                                                  job.nodelist, job.time_limit)
+            listed = {j.key for j in seen}
+            for key, job in list(self._jobs.items()):
+                if not job.ended and key not in listed and job.cluster in where:  # ended long ago
+                    self._jobs[key] = JobState(job.job_id, job.name, GONE, "left the queue",
+                                               job.nodelist, job.time_limit, job.cluster)
                     changed = True
             self._polls += 1
             self._cond.notify_all()

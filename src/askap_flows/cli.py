@@ -9,9 +9,8 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
-from . import cluster_yaml, host, mpi, slurm
+from . import cluster_yaml, host, mpi, server_cli, slurm
 from .spec import BACKENDS, MPISpec, SpecError, load_profile, packaged_profiles, read_profile
 
 
@@ -125,185 +124,31 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    slurm.check_available()
-    jobs = slurm.jobs_with_prefix(args.prefix)
+    where = args.clusters
+    if where is None and args.profile:  # the clusters: its sub-flows submitted to (sbatch -M)
+        where = read_profile(args.profile)["allocation"].get("clusters")
+    slurm.check_available(where)
+    jobs = slurm.jobs_with_prefix(args.prefix, where)
+    on = f" on cluster(s) {where}" if where else ""
     if not jobs:
-        print(f"no SLURM jobs named {args.prefix}-* are left")
+        print(f"no SLURM jobs named {args.prefix}-* are left{on}")
         return 0
-    print(f"{len(jobs)} SLURM job(s) named {args.prefix}-* (left by a pipeline that died, or "
+    print(f"{len(jobs)} SLURM job(s) named {args.prefix}-*{on} (left by a pipeline that died, or "
           "belonging to one still running):")
-    for job_id, name, state, nodes in jobs:
-        print(f"  {job_id:>10}  {name:28s} {state:12s} {nodes}")
+    for cluster, job_id, name, state, nodes in jobs:
+        print(f"  {cluster or '-':10s} {job_id:>10}  {name:28s} {state:12s} {nodes}")
     if not args.yes:
         print("nothing cancelled; run again with --yes to cancel them (make sure no pipeline of "
               "yours is still running)")
         return 0
     from .jobs import cancel_named
 
-    for _, name, _, _ in jobs:  # one scancel each; the process's job board watches them end
-        cancel_named(name)
-    left = slurm.jobs_with_prefix(args.prefix)
+    for cluster, _, name, _, _ in jobs:  # one scancel each; the job board watches them end
+        cancel_named(name, clusters_=cluster or None)
+    left = slurm.jobs_with_prefix(args.prefix, where)
     still = f"; {len(left)} still listed" if left else ""
     print(f"cancelled {len(jobs) - len(left)} job(s){still}")
     return 1 if left else 0
-
-
-# --------------------------------------------------------------------------- database and server
-def cmd_db_url(args) -> int:
-    from . import database
-
-    if args.host:
-        password = (args.password or os.environ.get("ASKAP_PG_PASSWORD")
-                    or os.environ.get("PGPASSWORD"))
-        if args.password_file:
-            password = Path(args.password_file).read_text().strip()
-        url = database.postgres_url(args.host, args.port, args.user, password, args.db)
-        source = "built from --host/--port/--user/--db"
-    else:
-        url, source = database.configured_url()
-    database.parse_url(url)  # a clear error for a malformed one
-    print(f"# {source}", file=sys.stderr)
-    if args.export:
-        from . import compat
-
-        for name in compat.DATABASE_URL_VARS:
-            print(f"export {name}={shlex.quote(url)}")
-    else:
-        print(url if args.show_password else database.redact(url))
-    return 0
-
-
-def cmd_db_check(args) -> int:
-    from . import database
-
-    try:
-        plan = database.preflight(args.max_concurrent, database_url=args.database_url,
-                                  api_url=args.api_url, timeout=args.timeout)
-    except database.DatabaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"ok: {plan.describe()}")
-    for name, value in plan.server_env.items():
-        print(f"{name}={value}")
-    return 0
-
-
-def server_database_url(args, home: Path) -> str:
-    """The server's database URL: --database-url-file, a password-less --database-url, or the
-    environment. A password on the command line is refused: every user of the node sees it in ps."""
-    from . import database
-
-    if args.database_url_file:
-        return database.url_from_file(args.database_url_file)
-    if args.database_url:
-        if database.parse_url(args.database_url).password:
-            raise database.DatabaseError(
-                f"--database-url {database.redact(args.database_url)} holds a password, which "
-                "every user of this node can read in ps. Fix: put the URL in a file only you can "
-                "read (chmod 600 FILE) and give --database-url-file FILE, or export "
-                f"{compat_url_var()}=URL before starting the server.")
-        return args.database_url
-    return database.configured_url({**os.environ, "PREFECT_HOME": str(home)})[0]
-
-
-def compat_url_var() -> str:
-    from . import compat
-
-    return compat.DATABASE_URL_VARS[0]
-
-
-def cmd_server(args) -> int:
-    import signal
-    import socket
-    import time
-
-    from . import compat, database
-    from .server import PrefectServer, ServerError
-
-    home = Path(args.home or os.environ.get("PREFECT_HOME")
-                or mpi.askap_home() / f"prefect{compat.PREFECT_MAJOR}")
-    try:
-        host = database.interface_address(args.interface) if args.interface else args.host
-        url = server_database_url(args, home)
-        plan = database.preflight(args.max_concurrent, database_url=url)
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, args.port))
-            except OSError as exc:
-                raise ServerError(f"cannot listen on {host}:{args.port} ({exc.strerror}). Fix: "
-                                  "choose another --port, or stop what holds it.") from None
-        server = PrefectServer(home, plan.url, host=host, port=args.port,
-                               settings=plan.server_env).start()
-    except (database.DatabaseError, ServerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"Prefect server on {plan.describe()}; log: {server.log_path}", file=sys.stderr)
-    if host.startswith("127.") or host == "localhost":
-        print(f"note: {host} is reachable from this node only; for compute nodes use --interface "
-              "IF or --host ADDRESS (docs/database.md)", file=sys.stderr)
-    print(f"Prefect UI: {server.ui_url}")
-    print(f"export PREFECT_API_URL={server.api_url}", flush=True)
-    print("Ctrl-C stops the server.", file=sys.stderr, flush=True)
-    try:
-        while server.proc is not None and server.proc.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        server.stop()
-        print("server stopped", file=sys.stderr)
-        return 0
-    code = server.proc.returncode if server.proc else "?"
-    print(f"error: the Prefect server exited (code {code})."
-          f" Last lines of {server.log_path}:\n{server._log_tail()}", file=sys.stderr)
-    return 1
-
-
-def add_database_commands(sub) -> None:
-    d = sub.add_parser("db", help="Prefect's database: its URL, and a check before a pipeline")
-    dsub = d.add_subparsers(dest="db_command", required=True)
-    u = dsub.add_parser("url", help="print the database URL a Prefect server started now would "
-                                    "use (password hidden), or build a PostgreSQL one with --host")
-    u.add_argument("--host", help="build a postgresql+asyncpg URL for this database host")
-    u.add_argument("--port", type=int, default=5432)
-    u.add_argument("--user", default="prefect")
-    u.add_argument("--db", default="prefect", help="database name (default: prefect)")
-    u.add_argument("--password", help="(visible to other users in ps: prefer --password-file, "
-                                      "$ASKAP_PG_PASSWORD or $PGPASSWORD)")
-    u.add_argument("--password-file", help="file holding the password (e.g. DIR/password of "
-                                           "scripts/postgres_database.sh)")
-    u.add_argument("--show-password", action="store_true", help="print the password too")
-    u.add_argument("--export", action="store_true",
-                   help="print 'export NAME=URL' lines (with the password) for eval")
-    u.set_defaults(func=cmd_db_url)
-    c = dsub.add_parser("check", help="check the database (or a server's) before a pipeline: "
-                                      "reachable, right schema, not sqlite at high concurrency; "
-                                      "print the pool settings a server would get")
-    c.add_argument("--database-url", help="default: the configured one (askap-flows db url)")
-    c.add_argument("--api-url", help="check this Prefect server and its database instead")
-    c.add_argument("--max-concurrent", type=int, default=4, metavar="K",
-                   help="planned concurrent sub-flows (default: 4)")
-    c.add_argument("--timeout", type=float, default=5.0, help="connect timeout, s (default: 5)")
-    c.set_defaults(func=cmd_db_check)
-    s = sub.add_parser("server", help="run a Prefect server (UI and API) in the foreground against "
-                                      "the chosen database, with pools sized for --max-concurrent")
-    s.add_argument("--database-url", help="a URL without a password (one with a password is "
-                                           "refused: ps shows it); default: the configured one "
-                                           "(askap-flows db url)")
-    s.add_argument("--database-url-file", metavar="FILE",
-                   help="read the database URL from FILE (mode 0600: readable by you only)")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on and to print (default: 127.0.0.1, this node only)")
-    s.add_argument("--interface", metavar="IF", help="listen on IF's IPv4 address (e.g. ib0)")
-    s.add_argument("--port", type=int, default=4200, help="default: 4200")
-    s.add_argument("--max-concurrent", type=int, default=4, metavar="K",
-                   help="sub-flows the pipelines will run at once, for pool sizing (default: 4)")
-    s.add_argument("--home", help="PREFECT_HOME of the server (default: $PREFECT_HOME, else "
-                                  "./.askap_flows/prefect3, prefect2 under Prefect 2)")
-    s.set_defaults(func=cmd_server)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -340,8 +185,13 @@ def parser() -> argparse.ArgumentParser:
                                        "askap_flows pipelines that died")
     c.add_argument("--prefix", default="askapflows", help="job name prefix (default: askapflows)")
     c.add_argument("--yes", action="store_true", help="cancel them")
+    c.add_argument("--clusters", default=None, metavar="NAMES",
+                   help="look on these SLURM clusters (squeue/scancel -M; default: the "
+                        "profile's allocation: clusters:, else this host's cluster)")
+    c.add_argument("--profile", default=None,
+                   help="take --clusters from this profile's allocation: clusters:")
     c.set_defaults(func=cmd_cleanup)
-    add_database_commands(sub)
+    server_cli.add_database_commands(sub)
     return p
 
 

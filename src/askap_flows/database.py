@@ -474,7 +474,8 @@ def _stderr(msg: str) -> None:
 
 def preflight(max_concurrent: int, *, database_url: str | None = None,
               api_url: str | None = None, env: Mapping[str, str] | None = None,
-              timeout: float = 5.0, say: Callable[[str], None] = _stderr) -> Plan:
+              timeout: float = 5.0, say: Callable[[str], None] = _stderr,
+              max_connections: int = 100) -> Plan:
     """Everything about the database that can be checked before a pipeline starts.
 
     With ``api_url`` (an existing server): that server and its database must answer. Otherwise
@@ -495,7 +496,7 @@ def preflight(max_concurrent: int, *, database_url: str | None = None,
     check_reachable(db, timeout=timeout)
     if db.is_sqlite:
         return Plan(url=url, server_env={})
-    pool = size_pool(max_concurrent)
+    pool = size_pool(max_concurrent, max_connections)  # the database's max_connections
     return Plan(url=url, server_env=pool.env(), pool=pool)
 
 

@@ -247,7 +247,7 @@ def mpi_subflow(
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
-        slurm.check_available()
+        slurm.check_available(alloc.clusters)
     attempt = 0
     while True:
         label = name and (f"{name}-retry{attempt}" if attempt else name)
@@ -344,7 +344,7 @@ def array_subflow(
     alloc = resolve_allocation(allocation if isinstance(allocation, AllocationSpec) else over,
                                profile, backend)
     if backend == "slurm":
-        slurm.check_available()
+        slurm.check_available(alloc.clusters)
     with runners.cluster_for_run(alloc, backend) as run:
         label = name or run.job_name or f"array-{run.token}"
         # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one

@@ -8,14 +8,17 @@ process's job board (``board.py``); nothing here loops on ``squeue``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dask_jobqueue.slurm import SLURMJob
 
-from . import board, shell
+from . import board, clusters, shell
 
 #: what SLURM's commands say when the controller does not answer (worth another try)
 UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out on send/recv",
@@ -35,6 +38,7 @@ class RunHandle:
     log_dir: str
     start_timeout: float
     backend: str
+    clusters: str | None = None  # the profile's clusters: (sbatch --clusters), None: this one
 
     def job(self) -> board.JobState | None:
         """The job once the board has seen it (the first one of this name: dask-jobqueue may
@@ -56,6 +60,17 @@ class BoardJob(SLURMJob):
     job still pending or still running after that is cancelled as dask-jobqueue would.
     """
 
+    #: the profile's ``clusters:`` (see ``board_job_class``); the job's own cluster once submitted
+    clusters: str | None = None
+    cluster: str = ""  # (clusters.LOCAL: the name `clusters` is the attribute above here)
+
+    def _job_id_from_submit_output(self, out):
+        """The job id, and the cluster sbatch put it on: its cancel names that cluster."""
+        job_id = super()._job_id_from_submit_output(out)
+        self.cluster = clusters.submitted_on(out, self.clusters)[1]
+        self.cancel_command = shlex.join(["scancel", *clusters.args(self.cluster)])
+        return job_id
+
     async def start(self):
         """Submit; while the controller cannot be reached (a restart, a busy controller) try
         again with backoff for the board's grace period instead of failing the sub-flow."""
@@ -65,7 +80,7 @@ class BoardJob(SLURMJob):
         while True:
             try:
                 await super().start()
-                b.submitted(self.job_name, str(self.job_id))
+                b.submitted(self.job_name, str(self.job_id), self.cluster)
                 return
             except Exception as exc:  # noqa: BLE001 - only an unreachable controller is retried
                 if not any(t in str(exc) for t in UNREACHABLE) or time.monotonic() > deadline:
@@ -79,11 +94,12 @@ class BoardJob(SLURMJob):
         if self.job_id and self.job_name:
             b = board.board()
             job_id = str(self.job_id)
-            state = b.job(job_id)
+            state = b.job(job_id, self.cluster)
             if state is not None and (state.ended or state.state == "RUNNING"):
                 try:
                     ended = await asyncio.to_thread(
-                        b.wait, lambda: (b.job(job_id) or state).ended, WORKER_EXIT_GRACE, True)
+                        b.wait, lambda: (b.job(job_id, self.cluster) or state).ended,
+                        WORKER_EXIT_GRACE, True)
                 except board.ControllerUnreachable:
                     ended = False
                 if ended:
@@ -91,31 +107,64 @@ class BoardJob(SLURMJob):
         await super().close()
 
 
-def cancel_named(name: str, wait: float = 30.0) -> list[str]:
+@functools.cache
+def board_job_class(clusters_: str | None) -> type[BoardJob]:
+    """BoardJob for jobs submitted with the profile's ``clusters:`` (``sbatch --clusters`` comes
+    from the job script): their close cancels on the cluster sbatch named."""
+    if not clusters_:
+        return BoardJob
+    name = "BoardJob_" + re.sub(r"\W", "_", clusters_)
+    cls = type(name, (BoardJob,), {"clusters": clusters_, "__module__": __name__,
+                                   "cancel_command": shlex.join(cancel_argv(clusters_))})
+    globals()[name] = cls  # found by name, as pickle and copy look a class up
+    return cls
+
+
+def cancel_argv(clusters_: str | None) -> list[str]:
+    """``scancel`` (with ``-M`` for a ``clusters:`` profile) before the job ids."""
+    return ["scancel", *clusters.args(clusters_)]
+
+
+def cancel_commands(name: str, clusters_: str | None,
+                    live: list[tuple[str, str]], complete: bool) -> list[list[str]]:
+    """The scancel calls for the jobs of ``name`` (pure): by id, one call per cluster, when the
+    board can name them all; else by name on every cluster of ``clusters:``."""
+    if not complete:
+        return [clusters.cancel_name(clusters_, name)]
+    by_cluster: dict[str, list[str]] = {}
+    for cluster, job_id in live:
+        by_cluster.setdefault(cluster, []).append(job_id)
+    return [clusters.cancel_ids(c, ids) for c, ids in sorted(by_cluster.items())]
+
+
+def cancel_named(name: str, wait: float = 30.0, clusters_: str | None = None) -> list[str]:
     """Cancel every job of this name; wait up to ``wait`` s until the board shows them ended.
 
     Jobs the board can name are cancelled by id (``scancel ID``: no query for slurmctld); a job
     already seen ending is left alone; only when the board cannot name the jobs of ``name`` does
     ``scancel --name`` run (which makes slurmctld load its job list). ``scancel`` runs even when
-    SLURM cannot be queried (on shutdown, cancelling matters most). Returns the ids the board knows.
+    SLURM cannot be queried (on shutdown, cancelling matters most). ``clusters_``: the profile's
+    ``clusters:`` (default: what the name is tracked with), so that every call carries its -M.
+    Returns the ids the board knows.
     """
     b = board.board()
-    b.track(name)
+    clusters_ = clusters_ or b.clusters_of(name)
+    b.track(name, clusters_)
     deadline = time.monotonic() + (b.grace if wait > 0 else 0)
     try:
         live, complete = b.live_ids(name)
         if complete and not live:
             return [j.job_id for j in b.jobs(name)]  # every job of this name has ended
-        argv = ["scancel", *live] if complete else ["scancel", "--name", name]
-        while True:
-            try:
-                res = shell.run(argv, check=False, timeout=30)
-            except shell.CommandError:  # scancel missing or hanging: nothing more can be done
-                return [j.job_id for j in b.jobs(name)]
-            said = res.stderr or ""
-            if not any(t in said for t in UNREACHABLE) or time.monotonic() > deadline:
-                break
-            time.sleep(2.0)  # the controller is restarting: the cancel must still happen
+        for argv in cancel_commands(name, clusters_, live, complete):
+            while True:
+                try:
+                    res = shell.run(argv, check=False, timeout=30)
+                except shell.CommandError:  # scancel missing or hanging: nothing more to do
+                    return [j.job_id for j in b.jobs(name)]
+                said = res.stderr or ""
+                if not any(t in said for t in UNREACHABLE) or time.monotonic() > deadline:
+                    break
+                time.sleep(2.0)  # the controller is restarting: the cancel must still happen
         if wait > 0:
             try:
                 b.wait(lambda: all(j.ended for j in b.jobs(name))

@@ -229,14 +229,15 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                         "backend='slurm', or call mpi_subflow without pool= for local runs.")
     over = {**allocation_fields, "nodes": nodes, "walltime": walltime}
     alloc = resolve_allocation(over, profile, backend)
-    slurm.check_available()
+    slurm.check_available(alloc.clusters)
     runners.import_dashboard()
     token = uuid.uuid4().hex[:10]
     job_name, log_dir = f"{alloc.job_name_prefix}-pool-{token}", job_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     slurm.test_submit(slurm.render_job_script(
         pool_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-pool-check", log_dir)))
-    handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend)
+    handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend,
+                            alloc.clusters)
     b = board.board()
     old = None
     if threading.current_thread() is threading.main_thread() and \
@@ -244,12 +245,13 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
         old = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so that `finally` runs
     cluster = client = None
     with ports.reserve(2, slurm.scheduler_host(alloc)) as held:
-        b.track(job_name)
+        b.track(job_name, alloc.clusters)
         try:
             submitted = time.time()
+            job_cls = jobs.board_job_class(alloc.clusters)
             cluster = dask_jobqueue.SLURMCluster(**pool_cluster_kwargs(alloc, job_name, log_dir,
                                                                        held.ports),
-                                                 job_cls=jobs.BoardJob)  # type: ignore[arg-type]
+                                                 job_cls=job_cls)  # type: ignore[arg-type]
             client = distributed.Client(cluster)
             _wait_for_worker(client, handle)
             # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
@@ -272,7 +274,7 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                             closing.close()
                     except Exception:  # noqa: BLE001 - the cancel below ends the job anyway
                         pass
-                jobs.cancel_named(job_name)
+                jobs.cancel_named(job_name, clusters_=alloc.clusters)
             finally:
                 b.untrack(job_name)
                 if old is not None:

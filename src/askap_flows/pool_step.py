@@ -14,7 +14,7 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
-from . import launch, runners, slurm, watch
+from . import clusters, launch, runners, slurm, watch
 from .flows import LineCount, MPIRunResult, _record_job
 from .pool import Pool, PoolError, get, step_spec
 from .spec import MPISpec
@@ -35,7 +35,8 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
             data = future.result()
         except Exception as exc:
             relayed.wait_for(None, quiet_after=1.0)
-            failed, _ = slurm.node_problems(nodes)
+            on = job.cluster if job else clusters.members(pool.alloc.clusters)[0]
+            failed, _ = slurm.node_problems(nodes, on)
             if not failed:
                 return watch.result(future, job, pool.handle)  # the program's error, or the job's
             pool.drop(list(failed))

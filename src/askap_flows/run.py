@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         alloc, spec = cli_specs(args)
         home = prepare_environment()
         if args.backend == "slurm":
-            slurm.check_available()
+            slurm.check_available(alloc.clusters)
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check",
                                               home / "logs")
             slurm.test_submit(slurm.render_job_script(kwargs))

@@ -61,11 +61,11 @@ def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunn
     )
 
 
-def slurm_runner(cluster_kwargs: dict) -> DaskTaskRunner:
+def slurm_runner(cluster_kwargs: dict, clusters: str | None = None) -> DaskTaskRunner:
     """dask-jobqueue's own SLURMCluster; its jobs are BoardJobs (jobs.py), whose close lets the
-    retired worker end the job instead of racing it with ``scancel``."""
-    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster",
-                          cluster_kwargs={**cluster_kwargs, "job_cls": jobs.BoardJob})
+    retired worker end the job instead of racing it with ``scancel`` (``-M`` for ``clusters``)."""
+    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs={
+        **cluster_kwargs, "job_cls": jobs.board_job_class(clusters)})
 
 
 @dataclass
@@ -126,13 +126,13 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     with ports.reserve(2, host) as held:
         kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=held.ports[0],
                                           dashboard_port=held.ports[1])
-        board.board().track(job_name)
+        board.board().track(job_name, alloc.clusters)
         try:
-            yield RunCluster(slurm_runner(kwargs), jobs.RunHandle(
-                token, job_name, str(log_dir), alloc.start_timeout, backend))
+            yield RunCluster(slurm_runner(kwargs, alloc.clusters), jobs.RunHandle(
+                token, job_name, str(log_dir), alloc.start_timeout, backend, alloc.clusters))
         finally:
             try:
-                jobs.cancel_named(job_name)
+                jobs.cancel_named(job_name, clusters_=alloc.clusters)
             finally:
                 board.board().untrack(job_name)
 

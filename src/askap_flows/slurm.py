@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import clusters as clusters_
 from . import host, shell
 from .errors import AskapFlowsError
 from .spec import AllocationSpec
@@ -92,6 +93,12 @@ def env_exports(env: Mapping[str, str]) -> list[str]:
     return [f"export {k}={shlex.quote(env[k])}" for k in EXPORTED_ENV if env.get(k)]
 
 
+def _for_cluster(env: Mapping[str, str], alloc: AllocationSpec) -> Mapping[str, str]:
+    """A job on another cluster (``clusters:``) does not get this host's SLURM_CONF: that names
+    this cluster's controller, and the job's ``srun`` must reach its own."""
+    return {k: v for k, v in env.items() if not (alloc.clusters and k == "SLURM_CONF")}
+
+
 def cluster_kwargs(
     alloc: AllocationSpec,
     *,
@@ -132,7 +139,8 @@ def cluster_kwargs(
         job_directives_skip=["-n 1"],
         # our own --output/--error: dask-jobqueue's log_directory lines are not quoted
         job_extra_directives=job_directives(alloc) + log_lines,
-        job_script_prologue=env_exports(env) + local_dir_export(alloc) + list(alloc.prologue),
+        job_script_prologue=env_exports(_for_cluster(env, alloc)) + local_dir_export(alloc)
+        + list(alloc.prologue),
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -177,19 +185,29 @@ def _once(key: str, ask) -> str:
         return answer
 
 
-def check_available() -> None:
-    """Raise SlurmError with the fix when SLURM's commands are missing or the controller is down.
-    Once SLURM answered, later calls in this process ask nothing (one ``sinfo`` per process, also
-    when many sub-flows start at once)."""
+def check_available(clusters: str | None = None) -> None:
+    """Raise SlurmError with the fix when SLURM's commands are missing or the controller (of the
+    profile's ``clusters:``, asked with -M) is down. Once SLURM answered, later calls in this
+    process ask nothing (one ``sinfo`` per process and clusters, also for many sub-flows)."""
     for cmd in ("sbatch", "srun", "squeue", "scancel"):
         if shutil.which(cmd) is None:
             raise SlurmError(f"`{cmd}` is not on PATH. {SLURM_INSTALL_HINT}")
 
+    where = clusters_.args(clusters)
+
     def ask() -> str:
-        _slurm(["sinfo", "-h", "-o", "%P"], timeout=20)
+        try:
+            _slurm(["sinfo", *where, "-h", "-o", "%P"], timeout=20)
+        except SlurmError as exc:
+            if not where:
+                raise
+            raise SlurmError(
+                f"{exc}\nThe profile's clusters: {clusters} is asked with `sinfo -M {clusters}`, "
+                "which needs slurmdbd to know that cluster: check the name with `sacctmgr list "
+                "clusters` (`askap-flows doctor --profile PROFILE` says what is wrong).") from None
         return "ok"
 
-    _once("sinfo", ask)
+    _once(" ".join(["sinfo", *where]), ask)
 
 
 def test_submit(script: str) -> str:
@@ -210,7 +228,8 @@ def _test_submit(script: str) -> str:
     said = (res.stderr or res.stdout).strip()
     if res.returncode != 0:
         try:
-            nodes = shell.output(["sinfo", "-h", "-o", "%P %a nodes=%D state=%t"], timeout=20)
+            nodes = shell.output(["sinfo", *clusters_.args(clusters_.of_script(script)), "-h", "-o",
+                                  "%P %a nodes=%D state=%t"], timeout=20)
         except shell.CommandError:
             nodes = "(sinfo failed)"
         raise SlurmError(
@@ -221,13 +240,13 @@ def _test_submit(script: str) -> str:
     return said
 
 
-def jobs_with_prefix(prefix: str) -> list[tuple[str, str, str, str]]:
-    """(job id, name, state, nodes) of this user's jobs whose name starts with ``prefix-``."""
+def jobs_with_prefix(prefix: str, clusters: str | None = None
+                     ) -> list[tuple[str, str, str, str, str]]:
+    """(cluster, job id, name, state, nodes) of this user's jobs on ``clusters`` (-M; None: this
+    host's cluster) whose name starts with ``prefix-``."""
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
-    out = _slurm(["squeue", "-h", "-u", user, "-o", "%i|%j|%T|%N"])
-    fields = (line.strip().split("|") for line in out.splitlines() if line.count("|") == 3)
-    rows = [(f[0], f[1], f[2], f[3]) for f in fields]
-    return [r for r in rows if r[1].startswith(f"{prefix}-")]
+    out = _slurm(clusters_.queue_command(user, clusters))
+    return [r for r in clusters_.parse_queue(out, clusters) if r[2].startswith(f"{prefix}-")]
 
 
 def job_info(job_id: str) -> dict[str, str]:
@@ -244,15 +263,15 @@ def job_info(job_id: str) -> dict[str, str]:
     return info
 
 
-def node_problems(nodes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+def node_problems(nodes: Sequence[str], cluster: str = clusters_.LOCAL
+                  ) -> tuple[dict[str, str], dict[str, str]]:
     """(failed, other): nodes SLURM reports down or not responding ('*'), which lose jobs; and
     nodes that are merely drained, draining, in maintenance or completing, which do not. Each
     maps a node to its state and SLURM's reason. One ``sinfo`` call, at the moment a task failed."""
     if not nodes:
         return {}, {}
     try:
-        out = shell.output(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N|%t|%E"],
-                           timeout=30)
+        out = shell.output(clusters_.nodes_query(cluster, nodes), timeout=30)
     except shell.CommandError:
         return {}, {}
     return classify_nodes(out)
@@ -281,9 +300,9 @@ def job_lost(job, job_name: str, log_path: str) -> JobLost:
     responding (a job cancelled because its worker's node died counts too)."""
     state, reason, job_id = job.state, job.reason or "unknown", job.job_id
     nodes = hostnames(job.nodelist)
-    failed, other = node_problems(nodes)
+    failed, other = node_problems(nodes, job.cluster)
     where = ",".join(nodes) or "?"
-    head = f"SLURM job {job_id} ({job_name}) on {where}"
+    head = f"SLURM job {job_id}{clusters_.where(job.cluster)} ({job_name}) on {where}"
     tail = f" Its output is in {log_path}."
     note = "".join(f" ({n} is {p}: not a cause of failure)" for n, p in other.items())
     if failed and state != "TIMEOUT":
