@@ -7,7 +7,8 @@ from .errors import AskapFlowsError
 from .spec import AllocationSpec, MPISpec, SpecError, build_specs
 
 __all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
-           "mpi_subflow", "array_subflow", "run_subflows", "prefect_server", "allocation"]
+           "mpi_subflow", "array_subflow", "run_subflows", "prefect_server", "allocation",
+           "task_runner", "mpi_task"]
 __version__ = "0.1.0"
 
 
@@ -20,6 +21,14 @@ def __getattr__(name: str):
         from . import flows
 
         return getattr(flows, name)
+    if name == "task_runner":
+        from .flow_runner import task_runner
+
+        return task_runner
+    if name == "mpi_task":
+        from .runner_mpi import mpi_task
+
+        return mpi_task
     if name == "allocation":
         from . import pool
 

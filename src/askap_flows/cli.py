@@ -10,8 +10,8 @@ import os
 import shlex
 import sys
 
-from . import host, mpi, server_cli, slurm
-from .spec import BACKENDS, SpecError, packaged_profiles, read_profile
+from . import cluster_yaml, host, mpi, server_cli, slurm
+from .spec import BACKENDS, MPISpec, SpecError, load_profile, packaged_profiles, read_profile
 
 
 def cmd_build_mpi(args) -> int:
@@ -38,6 +38,8 @@ def cmd_render(args) -> int:
     `doctor` is the command that fails for a missing interface."""
     from .run import cli_specs
 
+    if cluster_yaml.is_jobqueue_form(load_profile(args.profile)[1]):
+        return _render_jobqueue(args)
     read_profile(args.profile)  # a clear error for a bad profile before anything else
     alloc, spec = cli_specs(args)
     program = args.program or spec.program or str(mpi.default_program(spec.mpicc))
@@ -66,6 +68,37 @@ def cmd_render(args) -> int:
     return 0
 
 
+def _render_jobqueue(args) -> int:
+    """render for a profile in dask-jobqueue's form (cluster_class, cluster_kwargs, adapt_kwargs):
+    the job script of each of its jobs; what the profile sets that askap_flows overrides, on
+    stderr."""
+    if args.nodes is not None or args.ntasks is not None or args.backend != "slurm":
+        raise SpecError(f"profile {args.profile} is in dask-jobqueue's form: --nodes, --ntasks "
+                        "and --backend local apply to this library's form only. Set nodes in "
+                        "its cluster_kwargs.job_extra_directives.")
+    path, data = load_profile(args.profile)
+    profile = cluster_yaml.read(data, str(path))
+    for note in profile.notes:
+        print(f"note: {note}", file=sys.stderr)
+    interface = cluster_yaml.scheduler_interface(profile)
+    address = "127.0.0.1"
+    try:
+        if interface:
+            address = host.interface_address(interface)
+    except host.InterfaceError as exc:
+        address = SCHEDULER_PLACEHOLDER
+        print(f"note: {str(exc).rstrip('.')}: the job script shows {SCHEDULER_PLACEHOLDER}.",
+              file=sys.stderr)
+    adapt = profile.adapt_kwargs
+    shape = (f"adaptive: adapt({', '.join(f'{k}={v!r}' for k, v in adapt.items())}) scales "
+             "jobs like this one" if adapt else "one cluster per flow run, "
+             f"{profile.cluster_kwargs.get('n_workers', 1)} job(s) like this one")
+    print(f"# job script (dask-jobqueue form; {shape}; RUNID and the scheduler's port are chosen "
+          "by each flow run)")
+    print(cluster_yaml.job_script(profile, str(host.log_dir()), slurm.job_env(), address))
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from . import doctor
     from .run import cli_specs, prepare_environment
@@ -77,8 +110,12 @@ def cmd_doctor(args) -> int:
     if args.backend is None:
         chosen = args.profile or os.environ.get("ASKAP_FLOWS_PROFILE")
         args.backend = "slurm" if chosen and chosen != "local" else "local"
-    rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent,
-                             specs=lambda: cli_specs(args))
+    specs = lambda: cli_specs(args)  # noqa: E731
+    if args.profile and cluster_yaml.is_jobqueue_form(load_profile(args.profile)[1]):
+        path, data = load_profile(args.profile)  # dask-jobqueue's form: what its jobs ask for
+        specs = lambda: (cluster_yaml.as_allocation(cluster_yaml.read(data, str(path))),  # noqa: E731
+                         MPISpec())
+    rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent, specs=specs)
     print(doctor.render_table(rows))
     failed = [r.name for r in rows if r.status == doctor.FAIL]
     print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed

@@ -58,10 +58,12 @@ class MPIRunResult:
 
 # --------------------------------------------------------------------------- the MPI task
 @task(name="mpi-run")
-def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) -> dict:
+def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
+            release_nodes: bool = True) -> dict:
     """Run the MPI step on this sub-flow's Dask worker (``launch.mpi_step``) and write its output
     to this task's Prefect log as it comes. The task itself runs in the sub-flow's process: the
-    worker imports no Prefect, which would cost the job's nodes seconds of start-up."""
+    worker imports no Prefect, which would cost the job's nodes seconds of start-up.
+    ``release_nodes=False`` keeps the worker (a user's flow may run more steps on its job)."""
     logger = get_run_logger()
     client = compat.current_dask_client()
     topic = f"askap-mpi-{uuid.uuid4().hex}"
@@ -82,7 +84,7 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) -> d
         return data
     finally:
         client.unsubscribe_topic(topic)
-        if slurm_run and future is not None and future.done():
+        if release_nodes and slurm_run and future is not None and future.done():
             _release_nodes(client, future)
 
 

@@ -79,6 +79,15 @@ def local_dir_export(alloc: AllocationSpec) -> list[str]:
     return [f"export DASK_TEMPORARY_DIRECTORY={shlex.quote(alloc.local_directory)}"]
 
 
+def log_directives(log_directory: str) -> list[str]:
+    """The job's quoted ``--output``/``--error`` lines (dask-jobqueue's are not quoted)."""
+    if '"' in log_directory or any(ord(c) < 32 or ord(c) == 127 for c in log_directory):
+        raise SlurmError(f"the log directory {log_directory!r} contains a double quote, a line "
+                         "break or another control character, which a job script cannot hold: "
+                         "set ASKAP_FLOWS_HOME elsewhere.")
+    return [f'--output="{log_directory}/%x-%j.out"', f'--error="{log_directory}/%x-%j.err"']
+
+
 def env_exports(env: Mapping[str, str]) -> list[str]:
     """``export NAME=value`` lines (values shell-quoted) for the variables a job must carry."""
     return [f"export {k}={shlex.quote(env[k])}" for k in EXPORTED_ENV if env.get(k)]
@@ -103,10 +112,7 @@ def cluster_kwargs(
     One job of ``alloc.nodes`` nodes, one single-process Dask worker in it, and ``n_workers=1`` so
     the cluster submits that job as soon as it exists (no call to ``scale`` needed).
     """
-    if '"' in log_directory or any(ord(c) < 32 or ord(c) == 127 for c in log_directory):
-        raise SlurmError(f"the log directory {log_directory!r} contains a double quote, a line "
-                         "break or another control character, which a job script cannot hold: "
-                         "set ASKAP_FLOWS_HOME elsewhere.")
+    log_lines = log_directives(log_directory)
     scheduler_options: dict[str, Any] = {"dashboard_address": dashboard_address}
     if alloc.scheduler_interface:
         scheduler_options["interface"] = alloc.scheduler_interface
@@ -132,8 +138,7 @@ def cluster_kwargs(
         scheduler_options=scheduler_options,
         job_directives_skip=["-n 1"],
         # our own --output/--error: dask-jobqueue's log_directory lines are not quoted
-        job_extra_directives=job_directives(alloc) + [
-            f'--output="{log_directory}/%x-%j.out"', f'--error="{log_directory}/%x-%j.err"'],
+        job_extra_directives=job_directives(alloc) + log_lines,
         job_script_prologue=env_exports(_for_cluster(env, alloc)) + local_dir_export(alloc)
         + list(alloc.prologue),
     )

@@ -275,9 +275,17 @@ def _profile_path(profile: str | os.PathLike | None) -> Path | None:
 
 def read_profile(profile: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
     """The sections of a profile as plain dicts, checked for unknown keys and YAML errors."""
-    path = _profile_path(profile)
+    path, data = load_profile(profile)
     if path is None:
         return {name: {} for name in SECTIONS}
+    return profile_sections(data, path)
+
+
+def load_profile(profile: str | os.PathLike | None) -> tuple[Path | None, Any]:
+    """(path, the YAML's data) of a packaged profile name or a YAML path; (None, {}) for none."""
+    path = _profile_path(profile)
+    if path is None:
+        return None, {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -286,6 +294,11 @@ def read_profile(profile: str | os.PathLike | None) -> dict[str, dict[str, Any]]
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         raise SpecError(f"profile {path}: not valid YAML{where}: {exc}") from None
+    return path, data
+
+
+def profile_sections(data: Any, path: Path | str) -> dict[str, dict[str, Any]]:
+    """This library's form of a profile (``allocation``, ``mpi``), checked for unknown keys."""
     if not isinstance(data, dict):
         raise SpecError(f"profile {path}: the top level must be a mapping with sections "
                         f"{', '.join(SECTIONS)}.")
