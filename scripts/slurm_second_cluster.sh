@@ -22,6 +22,9 @@ RUN=$FAR/run LOG=$FAR/log ETC=$FAR/etc
 FARCONF=$ETC/slurm.conf CLIENTCONF=$ETC/client/slurm.conf
 PKGS=(mariadb-server slurmdbd slurm-wlm-mysql-plugin)
 unset "${!SLURM_@}"
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+# shellcheck source-path=SCRIPTDIR source=testbed_lib.sh
+source "${SELF%/*}/testbed_lib.sh"  # closefds_exec, noinherit
 
 log() { printf '[second-cluster] %s\n' "$*"; }
 die() {
@@ -30,15 +33,6 @@ die() {
   exit 1
 }
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-closefds_exec() {
-  local fdpath fd
-  for fdpath in /proc/"$BASHPID"/fd/*; do
-    fd=${fdpath##*/}
-    if [[ $fd =~ ^[0-9]+$ ]] && [ "$fd" -gt 2 ]; then exec {fd}>&- || true; fi
-  done
-  exec "$@"
-}
-noinherit() { ( closefds_exec "$@" ); }
 wait_for() {  # wait_for SECONDS COMMAND...
   local i
   for ((i = 0; i < $1 * 10; i++)); do "${@:2}" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -216,5 +210,5 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -84,19 +84,8 @@ watchdog_pid() {
   echo "$pid"
 }
 
-# noinherit CMD...: run CMD with every inherited file descriptor above 2 closed.  A daemon
-# that keeps a caller's pipe open makes e.g. a CI runner wait forever for EOF.
-# (Use closefds_exec directly in a background "&" job: noinherit there would leave the
-# forked job shell, holding the caller's fds, waiting for the subshell.)
-closefds_exec() {
-  local fdpath fd
-  for fdpath in /proc/"$BASHPID"/fd/*; do
-    fd=${fdpath##*/}
-    if [[ $fd =~ ^[0-9]+$ ]] && [ "$fd" -gt 2 ]; then exec {fd}>&- || true; fi
-  done
-  exec "$@"
-}
-noinherit() { ( closefds_exec "$@" ); }
+# shellcheck source-path=SCRIPTDIR source=testbed_lib.sh
+source "${SELF%/*}/testbed_lib.sh"  # closefds_exec, noinherit
 
 # running PID: alive and not a zombie (daemons are reparented to PID 1, which may reap late)
 running() { [[ $(cat "/proc/$1/stat" 2>/dev/null) =~ ^[0-9]+\ \(.*\)\ [^Z] ]]; }

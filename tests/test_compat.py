@@ -63,3 +63,23 @@ def test_the_flow_runs_dask_client_its_dashboard_and_cancelling_a_pending_future
     assert not ran.exists(), "the cancelled future still ran"
     assert seen["client"] is True
     assert seen["dashboard"] and seen["dashboard"].startswith("http://127.0.0.1:")
+
+
+def test_dask_jobqueues_start_reads_the_job_id_through_the_override():
+    """jobs.BoardJob overrides dask-jobqueue's private ``_job_id_from_submit_output`` to learn the
+    cluster sbatch put the job on; dask-jobqueue's own ``Job.start`` must still call it. Its real
+    start runs here, with a stand-in for sbatch that answers as a multi-cluster sbatch does."""
+    import asyncio
+    import shlex
+    import sys
+
+    from askap_flows import jobs
+
+    cls = jobs.board_job_class("near,far")
+    job = cls(scheduler="tcp://127.0.0.1:1", name="w", cores=1, memory="1GB", job_name="pin")
+    job.submit_command = shlex.join(
+        [sys.executable, "-c", "print('Submitted batch job 42 on cluster far')"])
+    asyncio.run(super(jobs.BoardJob, job).start())  # dask-jobqueue's start, not BoardJob's retry
+    assert job.job_id == "42"
+    assert (job.cluster, job.cancel_command) == ("far", "scancel -M far"), \
+        "dask-jobqueue's Job.start no longer calls _job_id_from_submit_output"

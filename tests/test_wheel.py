@@ -12,6 +12,7 @@ stays inert: a ``.pth`` file in a directory added by a ``.pth`` line is not exec
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -61,9 +62,17 @@ def test_wheel_holds_profiles_source_scripts_and_marker(wheel):
     for needed in ("askap_flows/py.typed", "askap_flows/profiles/testbed.yaml",
                    "askap_flows/profiles/testbed_openmpi.yaml", "askap_flows/profiles/local.yaml",
                    "askap_flows/csrc/mpi_hello_world.c", "askap_flows/scripts/slurm_testbed.sh",
+                   "askap_flows/scripts/slurm_second_cluster.sh",
+                   "askap_flows/scripts/testbed_lib.sh",
                    "askap_flows/scripts/postgres_database.sh", "askap_flows/scripts/prefect_env.sh",
                    "askap_flows/run.py", "askap_flows/launch.py"):
         assert needed in names, f"{needed} is not in {wheel.name}"
+    # a shipped script that runs or sources a sibling ("${SELF%/*}/NAME") needs NAME shipped too
+    with zipfile.ZipFile(wheel) as z:
+        for script in (n for n in names if n.startswith("askap_flows/scripts/")):
+            for sibling in set(re.findall(r'"\$\{SELF%/\*\}/([\w.]+)"', z.read(script).decode())):
+                assert f"askap_flows/scripts/{sibling}" in names, \
+                    f"{script} uses {sibling}, which is not in {wheel.name}"
     assert not [n for n in names if n.startswith(("tests/", "askap_flows/__pycache__"))]
 
 

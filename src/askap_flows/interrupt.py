@@ -22,9 +22,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 interrupted = threading.Event()
 _cancels_done = threading.Event()  # the first signal's cancels have been made
 _cancel_thread: list[threading.Thread] = []  # the first signal's, once started
-_own_server: list[PrefectServer | None] = [None]  # the run's own server, stopped on every exit
+_server: PrefectServer | None = None  # the run's own server (own_server), stopped on every exit
 say_to = [lambda msg: print(msg, file=sys.stderr, flush=True)]  # where signal messages go
 GIVE_UP_AFTER = 30.0  # seconds after a signal before the main job stops waiting for Prefect
+CANCEL_AGAIN_EVERY = 1.0  # seconds between the cancel rounds until then
 
 
 def cancel_everything() -> list[str]:
@@ -40,11 +41,32 @@ def _exit_now() -> None:
     try:
         cancel_everything()
     finally:
-        if _own_server[0] is not None:
-            _own_server[0].stop()
+        if _server is not None:
+            _server.stop()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
+
+
+def _cancel_until_the_give_up() -> None:
+    """The first signal's thread: cancel everything at once, then again every second until the
+    give-up, which ends the process. The first round misses what was starting at the signal: a
+    command launched a moment later (``shell.terminate_all`` kills the running ones only: a local
+    MPI step started then would run on until the give-up, which ends the run without its summary),
+    or a job whose sbatch was in flight (the board cannot name it yet, and ``scancel --name`` may
+    reach slurmctld before the job does). The later rounds stop those within a second."""
+    try:
+        cancelled = cancel_everything()
+    finally:
+        _cancels_done.set()
+    say_to[0](f"cancelled {len(cancelled)} SLURM job(s) and killed the running MPI steps; "
+              f"details in {log_path()}")
+    deadline = time.monotonic() + GIVE_UP_AFTER
+    while time.monotonic() < deadline:
+        time.sleep(CANCEL_AGAIN_EVERY)
+        cancel_everything()
+    say_to[0](f"the pipeline did not stop within {GIVE_UP_AFTER:g} s of the signal: exiting now")
+    _exit_now()
 
 
 def install() -> None:
@@ -54,21 +76,6 @@ def install() -> None:
     A second signal (once the first one's cancels are made), or a pipeline still running
     GIVE_UP_AFTER s later, ends the process at once (after stopping the run's own Prefect server).
     Installed before anything starts: a signal during start-up is honoured, not forgotten."""
-
-    def after_signal() -> None:
-        try:
-            cancelled = cancel_everything()
-        finally:
-            _cancels_done.set()
-        say_to[0](f"cancelled {len(cancelled)} SLURM job(s) and killed the running MPI steps; "
-                f"details in {log_path()}")
-        deadline = time.monotonic() + GIVE_UP_AFTER
-        while time.monotonic() < deadline:  # a step or job that was starting at the signal
-            time.sleep(1.0)
-            cancel_everything()
-        say_to[0](f"the pipeline did not stop within {GIVE_UP_AFTER:g} s of the signal: "
-                  "exiting now")
-        _exit_now()
 
     def interrupt(signum, frame) -> None:
         if interrupted.is_set():
@@ -82,7 +89,8 @@ def install() -> None:
         _quiet_console_for_good()
         say_to[0](f"received {signal.Signals(signum).name}: stopping this run, no new sub-flow "
                 "starts (again to stop at once)")
-        thread = threading.Thread(target=after_signal, daemon=True, name="askap-interrupt")
+        thread = threading.Thread(target=_cancel_until_the_give_up, daemon=True,
+                                  name="askap-interrupt")
         _cancel_thread.append(thread)
         thread.start()
 
@@ -156,4 +164,5 @@ def off_the_main_thread(fn, *args):
 
 def own_server(server: PrefectServer | None) -> None:
     """The run's own Prefect server (stopped when a second signal ends the process at once)."""
-    _own_server[0] = server
+    global _server
+    _server = server
