@@ -25,8 +25,8 @@ log() { printf '[test.sh %(%H:%M:%S)T] %s\n' -1 "$*"; }
 die() { log "ERROR: $*"; exit 2; }
 
 # ---------------------------------------------------------------- 1. system packages
-# Open MPI + PMIx next to MPICH; slurm_testbed.sh up (step 2, before any venv is built) keeps
-# `mpicc` MPICH's through Debian's alternatives
+# Open MPI + PMIx next to MPICH; slurm_testbed.sh up (step 3) points Debian's `mpicc`
+# alternative at MPICH; mpi4py (step 2) is built with `mpicc.mpich` whatever it points at
 PKGS=(slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev libpmix-dev postgresql
       shellcheck gcc libc6-dev iproute2 chromium)
 missing=()
@@ -52,23 +52,28 @@ setup_venv() {  # setup_venv MAJOR -> venv with the pinned set and the project (
     log "creating $venv"
     "$PYTHON" -m venv "$venv"
   fi
+  # mpi4py from source against the test bed's MPI, Debian's MPICH (`mpicc.mpich`: plain `mpicc`
+  # is Open MPI's wherever Debian's alternatives prefer it); the PyPI wheel looks for
+  # libmpi.so.12, which Debian's MPICH does not ship under that name. (-O0: the generated C is
+  # large and only the test bed uses it; a build takes minutes at -O2)
+  local pip=(env MPICC=mpicc.mpich CFLAGS="${CFLAGS:--O0}" "$venv/bin/pip" install -q
+             --disable-pip-version-check --no-binary mpi4py -c "$cons")
   local stamp="$venv/.askap-installed"
   local want; want=$(cat "$cons" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing the pinned Prefect $major set into $venv"
-    # mpi4py from source: it then links the MPI of the test bed (Debian's MPICH, mpicc on PATH);
-    # the PyPI wheel looks for libmpi.so.12, which Debian's MPICH does not ship under that name
-    # (-O0: the generated C is large and only the test bed uses it; a build takes minutes at -O2)
-    CFLAGS="${CFLAGS:--O0}" "$venv/bin/pip" install -q --disable-pip-version-check \
-      --no-binary mpi4py -c "$cons" -e "${ROOT}[test]" \
-      > "$OUT/pip-prefect$major.log" 2>&1 || { tail -20 "$OUT/pip-prefect$major.log"; die "pip install failed (log: $OUT/pip-prefect$major.log)"; }
+    "${pip[@]}" -e "${ROOT}[test]" > "$OUT/pip-prefect$major.log" 2>&1 \
+      || { tail -20 "$OUT/pip-prefect$major.log"; die "pip install failed (log: $OUT/pip-prefect$major.log)"; }
     echo "$want" > "$stamp"
   fi
-  if ! "$venv/bin/python" -c 'from mpi4py import MPI' >/dev/null 2>&1; then
-    log "rebuilding mpi4py in $venv against $(command -v mpicc)"
-    CFLAGS="${CFLAGS:--O0}" "$venv/bin/pip" install -q --disable-pip-version-check --no-binary mpi4py \
-      --force-reinstall --no-deps -c "$cons" mpi4py > "$OUT/pip-mpi4py-prefect$major.log" 2>&1 \
-      || die "mpi4py did not build (log: $OUT/pip-mpi4py-prefect$major.log)"
+  # pip's cache may hold an mpi4py wheel built against Open MPI (by an earlier build with plain
+  # mpicc): then it is dropped from the cache and built again
+  if ! "$venv/bin/python" -c 'import sys; from mpi4py import MPI
+sys.exit("MPICH" not in MPI.Get_library_version())' >/dev/null 2>&1; then
+    log "rebuilding mpi4py in $venv against MPICH (mpicc.mpich)"
+    "$venv/bin/pip" cache remove mpi4py >/dev/null 2>&1 || true
+    "${pip[@]}" --force-reinstall --no-deps mpi4py > "$OUT/pip-mpi4py-prefect$major.log" 2>&1 \
+      || die "mpi4py did not build against MPICH (log: $OUT/pip-mpi4py-prefect$major.log)"
   fi
 }
 
@@ -81,7 +86,10 @@ if ! compgen -G "$WHEELHOUSE/hatchling-*.whl" >/dev/null; then
 fi
 export ASKAP_TEST_WHEELHOUSE=$WHEELHOUSE
 
-for major in $MAJORS; do setup_venv "$major"; done
+# the venvs are built side by side (each mostly waits on downloads and one C compile)
+pids=()
+for major in $MAJORS; do setup_venv "$major" & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid" || die "a venv could not be set up (see the lines above)"; done
 
 # the test bed is shared by everything on this machine that submits jobs or stops nodes: hold its
 # lock for the whole run (others take it with `flock /tmp/askap_testbed.lock CMD`)
@@ -108,6 +116,8 @@ summary=()
 for major in $MAJORS; do
   log "pytest under Prefect $major"
   set +e
+  # tests marked `once` (shell scripts, packaging, the second cluster, ...) run under the first major
+  ASKAP_TEST_ONCE_DONE=$([ "$major" = "${MAJORS%% *}" ] && echo 0 || echo 1) \
   ASKAP_TEST_OUTPUT="$OUT/prefect$major" "$VENVS/prefect$major/bin/python" -m pytest \
     -p no:cacheprovider --junitxml="$OUT/junit-prefect$major.xml" "$@"
   r=$?

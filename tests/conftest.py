@@ -106,6 +106,7 @@ def slurm_ready() -> str | None:
 
 
 TIERS = ("unit", "mpi", "slurm", "postgres")
+ONCE_DONE = "ASKAP_TEST_ONCE_DONE"  # the `once` tests ran under an earlier major of this run
 
 
 def pytest_collection_modifyitems(config, items):
@@ -115,6 +116,11 @@ def pytest_collection_modifyitems(config, items):
     if wrong:
         raise pytest.UsageError("each test needs exactly one tier marker (unit, mpi, slurm, "
                                 "postgres):\n" + "\n".join(wrong))
+    if os.environ.get(ONCE_DONE) == "1":  # scripts/test.sh, from the second major on
+        once = [item for item in items if item.get_closest_marker("once")]
+        if once:
+            config.hook.pytest_deselected(items=once)
+            items[:] = [item for item in items if not item.get_closest_marker("once")]
 
 
 def pytest_runtest_setup(item):

@@ -29,6 +29,7 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 @pytest.mark.slurm
+@pytest.mark.once  # the overhead benchmark runs under Prefect 3 (benchmarks/README.md)
 def test_overhead_quick(tmp_path):
     data = _run("overhead", tmp_path)
     runs = data["workload"]["runs"]
@@ -73,6 +74,7 @@ def test_sweep_quick(tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.once  # as the overhead benchmark
 def test_controller_load_quick(tmp_path):
     data = _run("controller_load", tmp_path)
     assert data["quick"] and data["workload"]["n"] == [2] and data["workload"]["programs"] == ["short"]

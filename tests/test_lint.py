@@ -25,6 +25,7 @@ def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.once
 def test_ruff_is_clean():
     r = _tool("ruff", "check", "--no-cache", *LINTED)
     assert r.returncode == 0, (f"ruff check {' '.join(LINTED)} failed (fix the lines below, or "

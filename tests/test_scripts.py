@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (sorted(ROOT.glob("scripts/*.sh")) + sorted(ROOT.glob("examples/*.sbatch"))
            + [ROOT / ".ci" / "run"])
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.once]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, _missing, run_main
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.once]
 
 FAR = "askapfar"
 FAR_DIR = Path(os.environ.get("ASKAP_FAR_DIR", "/tmp/askap_testbed_far"))

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.once]
 
 
 def sbatch(*args: str, env: dict) -> str:

@@ -76,6 +76,7 @@ def test_wheel_holds_profiles_source_scripts_and_marker(wheel):
     assert not [n for n in names if n.startswith(("tests/", "askap_flows/__pycache__"))]
 
 
+@pytest.mark.once
 def test_installed_wheel_runs_the_main_job_from_an_empty_directory(wheel, tmp_path):
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv])

@@ -14,9 +14,12 @@ import shutil
 import socket
 import time
 
-from . import mpi, shell
+from . import board, mpi, shell
 from .slurm import SLURM_INSTALL_HINT
 from .spec import MPISpec
+
+CONTROLLER_DOWN = "Unable to contact slurm controller"
+BEFORE_LAUNCH = ("srun: error: Unable to confirm allocation", "srun: error: Unable to create step")
 
 
 def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) -> dict:
@@ -43,14 +46,26 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
         if line.startswith("srun: error: ") or mpi.OMPI_WITHOUT_PMIX in line:
             srun_errors.append(line)
 
-    try:
-        res = shell.run(argv, on_line=on_line, timeout=spec.timeout, env=mpi.program_env(spec))
-    except shell.CommandError as exc:
-        hint = mpi.first_failure(srun_errors, spec.mpi_plugin)
-        if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
-            raise  # a timeout killed the ranks itself: their deaths are no cause
-        raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,
-                                 exc.reason, hint) from None
+    give_up = time.monotonic() + board.poll_settings()[2]  # the controller's grace period
+    delay = 1.0
+    while True:
+        srun_errors.clear()
+        try:
+            res = shell.run(argv, on_line=on_line, timeout=spec.timeout,
+                            env=mpi.program_env(spec))
+            break
+        except shell.CommandError as exc:
+            if controller_refused_the_step(srun_errors) and time.monotonic() + delay < give_up:
+                send("warning", f"srun could not reach the SLURM controller to start the step "
+                                f"(no rank started); trying again in {delay:.0f} s")
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+                continue
+            hint = mpi.first_failure(srun_errors, spec.mpi_plugin)
+            if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
+                raise  # a timeout killed the ranks itself: their deaths are no cause
+            raise shell.CommandError(exc.argv, exc.returncode, exc.stdout_tail, exc.stderr_tail,
+                                     exc.reason, hint) from None
     ranks = mpi.parse_ranks(res.stdout)
     if check_ranks or ranks:
         try:
@@ -70,6 +85,13 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
         "srun_started": srun_started,
         "lines": lines,  # events sent on the topic: the sub-flow waits for all of them
     }
+
+
+def controller_refused_the_step(srun_errors: list[str]) -> bool:
+    """srun could not reach slurmctld to confirm the allocation or create the step: no rank was
+    started, so the step may be launched again once the controller answers (a restart, an
+    outage: board.py's grace period)."""
+    return any(CONTROLLER_DOWN in e and e.startswith(BEFORE_LAUNCH) for e in srun_errors)
 
 
 def _sender(topic: str | None):
