@@ -83,3 +83,20 @@ def test_dask_jobqueues_start_reads_the_job_id_through_the_override():
     assert job.job_id == "42"
     assert (job.cluster, job.cancel_command) == ("far", "scancel -M far"), \
         "dask-jobqueue's Job.start no longer calls _job_id_from_submit_output"
+
+
+def test_a_closed_job_says_it_is_closed():
+    """distributed's cluster close asserts that every job object it still references is closed,
+    and dask-jobqueue's Job.close does not set the status (CI: "AssertionError: Status.running"
+    when something still held the job). BoardJob.close must leave it closed."""
+    import asyncio
+
+    from distributed.core import Status
+
+    from askap_flows import jobs
+
+    job = jobs.board_job_class(None)(scheduler="tcp://127.0.0.1:1", name="w", cores=1,
+                                     memory="1GB", job_name="pin")
+    job.status = Status.running  # started, and its job id not known (nothing to cancel)
+    asyncio.run(job.close())
+    assert job.status == Status.closed

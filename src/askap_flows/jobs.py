@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dask_jobqueue.slurm import SLURMJob
+from distributed.deploy.spec import ProcessInterface
 
 from . import board, clusters, shell
 
@@ -91,6 +92,15 @@ class BoardJob(SLURMJob):
                 pause = min(pause * 2, 10.0)
 
     async def close(self):
+        try:
+            await self._close_unless_ended()
+        finally:
+            # dask-jobqueue's Job.close leaves the status `running`; distributed's cluster close
+            # asserts that every job it still holds a reference to is closed (seen in CI:
+            # "AssertionError: Status.running"). ProcessInterface.close sets it.
+            await ProcessInterface.close(self)
+
+    async def _close_unless_ended(self):
         if self.job_id and self.job_name:
             b = board.board()
             job_id = str(self.job_id)
