@@ -100,7 +100,7 @@ def _render_jobqueue(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from . import doctor
+    from . import doctor, doctor_report
     from .run import cli_specs, prepare_environment
 
     if args.max_concurrent < 1:
@@ -116,11 +116,11 @@ def cmd_doctor(args) -> int:
         specs = lambda: (cluster_yaml.as_allocation(cluster_yaml.read(data, str(path))),  # noqa: E731
                          MPISpec())
     rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent, specs=specs)
-    print(doctor.render_table(rows))
-    failed = [r.name for r in rows if r.status == doctor.FAIL]
+    print(doctor_report.render_table(rows))
+    failed = [r.name for r in rows if r.status == doctor_report.FAIL]
     print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed
           else "no check failed")
-    return doctor.exit_code(rows)
+    return doctor_report.exit_code(rows)
 
 
 def cmd_cleanup(args) -> int:
