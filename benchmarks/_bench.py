@@ -60,7 +60,8 @@ def prefect_server(work: Path, max_concurrent: int, default_pools: bool = False)
     if os.environ.get("PREFECT_API_URL"):
         yield {"api_url": os.environ["PREFECT_API_URL"], "started_here": False}
         return
-    from askap_flows.database import postgres_url, size_pool
+    from askap_flows.database import size_pool
+    from askap_flows.database_url import postgres_url
     from askap_flows.server import PrefectServer, free_port
 
     pg_dir = work / "pg"

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import database, ports, shell
+from . import database, database_url, ports, shell
 from .doctor_report import FAIL, OK, SKIP, WARN, Check
 
 TESTBED_HINT = "on the test bed: scripts/slurm_testbed.sh up; source /tmp/askap_testbed/env.sh"
@@ -160,7 +160,7 @@ def pool_check(max_concurrent: int, server_settings: Mapping[str, Any] | None,
     """
     want = database.size_pool(max_concurrent)
     if planned is not None and planned.url is not None:
-        db = database.parse_url(planned.url)
+        db = database_url.parse_url(planned.url)
         if db.is_sqlite:
             return Check("database pool", OK, f"sqlite, {max_concurrent} concurrent sub-flow(s) "
                          f"(at most {database.sqlite_limit()} allowed on sqlite)")
