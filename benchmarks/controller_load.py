@@ -206,7 +206,8 @@ def run_pipeline(n: int, program: str, tag: str, alloc_for=lambda i: ALLOC) -> d
     from prefect import flow
 
     from askap_flows import slurm
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     with slurm._checked_lock:  # a fresh pipeline process: one sinfo and one test-only again
         slurm._checked.clear()

@@ -103,7 +103,8 @@ def child_askap(n: int, backend: str) -> list[str | None]:
 
     from prefect import flow
 
-    from askap_flows.flows import array_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import array_subflow
 
     profile = "testbed" if backend == "slurm" else None
     alloc = {"job_name_prefix": PREFIX} if backend == "slurm" else None

@@ -142,7 +142,7 @@ def test_every_library_error_derives_from_askap_flows_error_and_keeps_its_old_ba
 
 def test_a_count_below_its_minimum_is_one_kind_of_error_everywhere(monkeypatch):
     """nodes, retries, n_arrays, size, max_concurrent, the sqlite limit: one SpecError, one text."""
-    from askap_flows import database, flows
+    from askap_flows import composition, database, flows
 
     cases = [
         (lambda: AllocationSpec(nodes=0), "nodes must be a whole number >= 1, got 0"),
@@ -150,7 +150,7 @@ def test_a_count_below_its_minimum_is_one_kind_of_error_everywhere(monkeypatch):
         (lambda: flows.mpi_subflow(retries=-1), "retries must be a whole number >= 0, got -1"),
         (lambda: flows.array_subflow(n_arrays=0), "n_arrays must be a whole number >= 1, got 0"),
         (lambda: flows.array_subflow(size=2.5), "size must be a whole number >= 1, got 2.5"),
-        (lambda: flows.run_subflows([], max_concurrent=0),
+        (lambda: composition.run_subflows([], max_concurrent=0),
          "max_concurrent must be a whole number >= 1, got 0"),
         (lambda: database.size_pool(0), "max_concurrent must be a whole number >= 1, got 0"),
         (lambda: database.sqlite_limit({database.SQLITE_LIMIT_ENV: "0"}),

@@ -17,10 +17,14 @@ def __getattr__(name: str):
         from .server import prefect_server
 
         return prefect_server
-    if name in ("mpi_subflow", "array_subflow", "run_subflows"):
+    if name in ("mpi_subflow", "array_subflow"):
         from . import flows
 
         return getattr(flows, name)
+    if name == "run_subflows":
+        from .composition import run_subflows
+
+        return run_subflows
     if name == "task_runner":
         from .flow_runner import task_runner
 

@@ -15,7 +15,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
 from . import clusters, launch, runners, slurm, watch
-from .flows import LineCount, MPIRunResult, _record_job
+from .flows import MPIRunResult, _record_job
+from .mpi_run import LineCount
 from .pool import Pool, PoolError, get, step_spec
 from .spec import MPISpec
 

@@ -166,7 +166,8 @@ def _run(args, alloc, spec, program, say) -> int:
 
     from prefect import flow
 
-    from .flows import mpi_subflow, run_subflows
+    from .composition import run_subflows
+    from .flows import mpi_subflow
 
     interrupt.install()  # again: importing dask_jobqueue installed its own
     names = [f"mpi-{i}" for i in range(args.subflows)]
@@ -198,7 +199,7 @@ def _run(args, alloc, spec, program, say) -> int:
         return run
 
     @flow(name="askap-pipeline", validate_parameters=False)
-    def pipeline(n: int, max_concurrent: int) -> list:  # of flows.Outcome
+    def pipeline(n: int, max_concurrent: int) -> list:  # of composition.Outcome
         calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
                                     profile=args.profile, program=program, name=names[i]))
                  for i in range(n)]
