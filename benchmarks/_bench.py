@@ -145,7 +145,7 @@ def slurm_setup(work_prefix: str, mpi_spec: dict, alloc_spec: dict):
     work = work_dir(work_prefix)
     bench_environment(work)
     from askap_flows import mpi, slurm
-    from askap_flows.spec import resolve_specs
+    from askap_flows.spec_profile import resolve_specs
 
     slurm.check_available()
     alloc, spec = resolve_specs(mpi_spec, alloc_spec, "testbed", "slurm")

@@ -154,7 +154,7 @@ def child_seed(n: int, backend: str) -> list[str | None]:
         dashboard = f"127.0.0.1:{SEED_PORT_BASE + count}"  # the seed's f':{32120+count}', loopback
         if backend == "slurm":
             from askap_flows import mpi, slurm
-            from askap_flows.spec import resolve_allocation
+            from askap_flows.spec_profile import resolve_allocation
 
             alloc = resolve_allocation({"nodes": 1, "ntasks_per_node": 1,
                                         "job_name_prefix": PREFIX}, "testbed", "slurm")

@@ -92,7 +92,7 @@ def test_in_process_workers_run_without_the_profiler_and_wait_longer_to_connect(
     import dask
 
     from askap_flows.runners import local_runner
-    from askap_flows.spec import resolve_allocation
+    from askap_flows.spec_profile import resolve_allocation
 
     with dask.config.set({"distributed.worker.profile.enabled": True}):
         local_runner(resolve_allocation(None, None, "local"))

@@ -9,7 +9,8 @@ import pytest
 
 from askap_flows import doctor_mpi, doctor_report, mpi
 from askap_flows.shell import CommandError
-from askap_flows.spec import PROFILE_DIR, MPISpec, build_specs
+from askap_flows.spec import MPISpec
+from askap_flows.spec_profile import PROFILE_DIR, build_specs
 from conftest import ROOT, run_main
 from test_doctor import doctor_cli, statuses
 

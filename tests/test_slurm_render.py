@@ -3,7 +3,8 @@ import subprocess
 import pytest
 
 from askap_flows import slurm
-from askap_flows.spec import AllocationSpec, build_specs
+from askap_flows.spec import AllocationSpec
+from askap_flows.spec_profile import build_specs
 
 pytestmark = pytest.mark.unit
 

@@ -1,17 +1,8 @@
 import pytest
 
 from askap_flows.mpi import launch_command
-from askap_flows.spec import (
-    AllocationSpec,
-    MPISpec,
-    SpecError,
-    build_specs,
-    check_fits,
-    packaged_profiles,
-    read_profile,
-    resolve_specs,
-    walltime_seconds,
-)
+from askap_flows.spec import AllocationSpec, MPISpec, SpecError, check_fits, walltime_seconds
+from askap_flows.spec_profile import build_specs, packaged_profiles, read_profile, resolve_specs
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,8 @@ Importing this package does not import Prefect; ``askap_flows.flows`` does.
 """
 
 from .errors import AskapFlowsError
-from .spec import AllocationSpec, MPISpec, SpecError, build_specs
+from .spec import AllocationSpec, MPISpec, SpecError
+from .spec_profile import build_specs
 
 __all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
            "mpi_subflow", "array_subflow", "run_subflows", "prefect_server", "allocation",

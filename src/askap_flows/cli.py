@@ -11,7 +11,8 @@ import shlex
 import sys
 
 from . import cluster_yaml, host, mpi, server_cli, slurm
-from .spec import BACKENDS, MPISpec, SpecError, load_profile, packaged_profiles, read_profile
+from .spec import MPISpec, SpecError
+from .spec_profile import BACKENDS, load_profile, packaged_profiles, read_profile
 
 
 def cmd_build_mpi(args) -> int:

@@ -23,14 +23,8 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from . import compat, mpi, runners, slurm, watch
 from .jobs import RunHandle
 from .mpi_run import run_mpi
-from .spec import (
-    AllocationSpec,
-    MPISpec,
-    excluding_nodes,
-    resolve_allocation,
-    resolve_specs,
-    whole_number,
-)
+from .spec import AllocationSpec, MPISpec, excluding_nodes, whole_number
+from .spec_profile import resolve_allocation, resolve_specs
 
 
 @dataclass

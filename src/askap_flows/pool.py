@@ -31,7 +31,8 @@ from . import board, jobs, mpi, ports, runners, slurm, watch
 from .errors import AskapFlowsError
 from .host import log_dir as job_log_dir
 from .ledger import LedgerError, NodeLedger
-from .spec import AllocationSpec, MPISpec, build_specs, resolve_allocation, walltime_seconds
+from .spec import AllocationSpec, MPISpec, walltime_seconds
+from .spec_profile import build_specs, resolve_allocation
 
 log = logging.getLogger("askap_flows")
 _pools: dict[str, Pool] = {}  # job name -> open pool (flow parameters carry the name only)

@@ -20,7 +20,8 @@ from . import server as server_mod
 from .interrupt import EXIT_INTERRUPTED
 from .progress import Progress
 from .server import ServerError
-from .spec import BACKENDS, SpecError, check_fits, resolve_specs
+from .spec import SpecError, check_fits
+from .spec_profile import BACKENDS, resolve_specs
 
 EXIT_FAILED = 1  # a sub-flow failed
 EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
