@@ -144,10 +144,10 @@ def slurm_setup(work_prefix: str, mpi_spec: dict, alloc_spec: dict):
                          "`source /tmp/askap_testbed/env.sh` first.")
     work = work_dir(work_prefix)
     bench_environment(work)
-    from askap_flows import mpi, slurm
+    from askap_flows import mpi, slurm_query
     from askap_flows.spec_profile import resolve_specs
 
-    slurm.check_available()
+    slurm_query.check_available()
     alloc, spec = resolve_specs(mpi_spec, alloc_spec, "testbed", "slurm")
     return work, alloc, spec, str(mpi.build_hello())
 

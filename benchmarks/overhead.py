@@ -222,9 +222,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def cleanup_jobs() -> None:
     """Cancel this benchmark's jobs (askapbench-*) that are still queued, if any."""
-    from askap_flows import slurm
+    from askap_flows import slurm_query
 
-    for job_id, *_ in slurm.jobs_with_prefix(PREFIX):
+    for job_id, *_ in slurm_query.jobs_with_prefix(PREFIX):
         subprocess.run(["scancel", job_id], capture_output=True)
 
 

@@ -405,9 +405,9 @@ def main() -> int:
 
 
 def _cancel_own_jobs() -> None:
-    from askap_flows import slurm
+    from askap_flows import slurm_query
 
-    for job_id, *_ in slurm.jobs_with_prefix(PREFIX):
+    for job_id, *_ in slurm_query.jobs_with_prefix(PREFIX):
         subprocess.run(["scancel", job_id], capture_output=True)
 
 

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 
-from . import cluster_yaml, host, mpi, server_cli, slurm
+from . import cluster_yaml, host, mpi, server_cli, slurm, slurm_query
 from .spec import MPISpec, SpecError
 from .spec_profile import BACKENDS, load_profile, packaged_profiles, read_profile
 
@@ -128,8 +128,8 @@ def cmd_cleanup(args) -> int:
     where = args.clusters
     if where is None and args.profile:  # the clusters: its sub-flows submitted to (sbatch -M)
         where = read_profile(args.profile)["allocation"].get("clusters")
-    slurm.check_available(where)
-    jobs = slurm.jobs_with_prefix(args.prefix, where)
+    slurm_query.check_available(where)
+    jobs = slurm_query.jobs_with_prefix(args.prefix, where)
     on = f" on cluster(s) {where}" if where else ""
     if not jobs:
         print(f"no SLURM jobs named {args.prefix}-* are left{on}")
@@ -146,7 +146,7 @@ def cmd_cleanup(args) -> int:
 
     for cluster, _, name, _, _ in jobs:  # one scancel each; the job board watches them end
         cancel_named(name, clusters_=cluster or None)
-    left = slurm.jobs_with_prefix(args.prefix, where)
+    left = slurm_query.jobs_with_prefix(args.prefix, where)
     still = f"; {len(left)} still listed" if left else ""
     print(f"cancelled {len(jobs) - len(left)} job(s){still}")
     return 1 if left else 0

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from . import compat, mpi, runners, slurm, watch
+from . import compat, mpi, runners, slurm, slurm_query, watch
 from .jobs import RunHandle
 from .mpi_run import run_mpi
 from .spec import AllocationSpec, MPISpec, excluding_nodes, whole_number
@@ -58,7 +58,7 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) ->
     dashboard = _cluster_started(job_name, logger)
     cluster_ready = time.time()
     data = run_mpi(spec, program, check_ranks, run)
-    nodes = slurm.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
+    nodes = slurm_query.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
         _record_job(data["job_id"], job_name, nodes, dashboard)
@@ -156,7 +156,7 @@ def mpi_subflow(
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
-        slurm.check_available(alloc.clusters)
+        slurm_query.check_available(alloc.clusters)
     attempt = 0
     while True:
         label = name and (f"{name}-retry{attempt}" if attempt else name)
@@ -253,7 +253,7 @@ def array_subflow(
     alloc = resolve_allocation(allocation if isinstance(allocation, AllocationSpec) else over,
                                profile, backend)
     if backend == "slurm":
-        slurm.check_available(alloc.clusters)
+        slurm_query.check_available(alloc.clusters)
     with runners.cluster_for_run(alloc, backend) as run:
         label = name or run.job_name or f"array-{run.token}"
         # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one

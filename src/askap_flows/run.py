@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import database, interrupt, mpi, slurm
+from . import database, interrupt, mpi, slurm, slurm_query
 from . import server as server_mod
 from .interrupt import EXIT_INTERRUPTED
 from .progress import Progress
@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         alloc, spec = cli_specs(args)
         home = prepare_environment()
         if args.backend == "slurm":
-            slurm.check_available(alloc.clusters)
+            slurm_query.check_available(alloc.clusters)
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check",
                                               home / "logs")
-            slurm.test_submit(slurm.render_job_script(kwargs))
+            slurm_query.test_submit(slurm.render_job_script(kwargs))
         program, _ = mpi.resolve_program(spec, args.program)
     except Exception as exc:  # bad input, a missing piece, the compiler failed: no traceback wall
         say(f"error: {exc}")
