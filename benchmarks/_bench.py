@@ -60,7 +60,8 @@ def prefect_server(work: Path, max_concurrent: int, default_pools: bool = False)
     if os.environ.get("PREFECT_API_URL"):
         yield {"api_url": os.environ["PREFECT_API_URL"], "started_here": False}
         return
-    from askap_flows.database import postgres_url, size_pool
+    from askap_flows.database import size_pool
+    from askap_flows.database_url import postgres_url
     from askap_flows.server import PrefectServer, free_port
 
     pg_dir = work / "pg"
@@ -143,10 +144,10 @@ def slurm_setup(work_prefix: str, mpi_spec: dict, alloc_spec: dict):
                          "`source /tmp/askap_testbed/env.sh` first.")
     work = work_dir(work_prefix)
     bench_environment(work)
-    from askap_flows import mpi, slurm
-    from askap_flows.spec import resolve_specs
+    from askap_flows import mpi, slurm_query
+    from askap_flows.spec_profile import resolve_specs
 
-    slurm.check_available()
+    slurm_query.check_available()
     alloc, spec = resolve_specs(mpi_spec, alloc_spec, "testbed", "slurm")
     return work, alloc, spec, str(mpi.build_hello())
 

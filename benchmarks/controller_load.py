@@ -205,11 +205,12 @@ def run_pipeline(n: int, program: str, tag: str, alloc_for=lambda i: ALLOC) -> d
     """n mpi_subflow calls at once in one parent flow; when each MPI step ran, and each call ended."""
     from prefect import flow
 
-    from askap_flows import slurm
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows import slurm_query
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
-    with slurm._checked_lock:  # a fresh pipeline process: one sinfo and one test-only again
-        slurm._checked.clear()
+    with slurm_query._checked_lock:  # a fresh pipeline process: one sinfo and one test-only again
+        slurm_query._checked.clear()
     steps, ends = {}, {}
 
     def timed(i: int):
@@ -375,10 +376,10 @@ def command_costs(script: str) -> dict:
 
 def wait_idle(timeout: float = 180) -> None:
     """Until none of this benchmark's jobs is queued (before a reset: its squeue is not counted)."""
-    from askap_flows import slurm
+    from askap_flows import slurm_query
 
     deadline = time.time() + timeout
-    while slurm.jobs_with_prefix(PREFIX) and time.time() < deadline:
+    while slurm_query.jobs_with_prefix(PREFIX) and time.time() < deadline:
         time.sleep(1.0)
 
 

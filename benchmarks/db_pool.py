@@ -75,7 +75,7 @@ class ConnectionSampler(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        from askap_flows.database import parse_url
+        from askap_flows.database_url import parse_url
 
         db = parse_url(self.url)
 
@@ -138,7 +138,7 @@ def api_states(api_url: str) -> dict[str, int]:
 
 
 def run_config(name: str, url: str, settings: dict[str, str], args, work: Path) -> dict:
-    from askap_flows.database import parse_url
+    from askap_flows.database_url import parse_url
     from askap_flows.server import PrefectServer
 
     home = work / f"prefect-{name}"
@@ -204,7 +204,8 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT / "src"))
     from askap_flows import compat
-    from askap_flows.database import postgres_url, size_pool
+    from askap_flows.database import size_pool
+    from askap_flows.database_url import postgres_url
 
     work = Path(tempfile.mkdtemp(prefix="askap_bench_", dir="/tmp"))
     work.chmod(0o755)  # the postgres system user must traverse it when run as root

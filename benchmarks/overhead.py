@@ -130,7 +130,8 @@ def run_subflow_batch(n: int, program: str, tag: str) -> dict:
     """n mpi_subflow calls at once inside one parent flow; wall time around the parent call."""
     from prefect import flow
 
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     latencies: dict[int, float] = {}
 
@@ -165,7 +166,8 @@ def run_pool_batch(n: int, program: str, tag: str, pool=None) -> dict:
     from prefect import flow
 
     from askap_flows import allocation
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     latencies: dict[int, float] = {}
 
@@ -220,9 +222,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def cleanup_jobs() -> None:
     """Cancel this benchmark's jobs (askapbench-*) that are still queued, if any."""
-    from askap_flows import slurm
+    from askap_flows import slurm_query
 
-    for job_id, *_ in slurm.jobs_with_prefix(PREFIX):
+    for job_id, *_ in slurm_query.jobs_with_prefix(PREFIX):
         subprocess.run(["scancel", job_id], capture_output=True)
 
 

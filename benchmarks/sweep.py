@@ -103,7 +103,8 @@ def child_askap(n: int, backend: str) -> list[str | None]:
 
     from prefect import flow
 
-    from askap_flows.flows import array_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import array_subflow
 
     profile = "testbed" if backend == "slurm" else None
     alloc = {"job_name_prefix": PREFIX} if backend == "slurm" else None
@@ -153,7 +154,7 @@ def child_seed(n: int, backend: str) -> list[str | None]:
         dashboard = f"127.0.0.1:{SEED_PORT_BASE + count}"  # the seed's f':{32120+count}', loopback
         if backend == "slurm":
             from askap_flows import mpi, slurm
-            from askap_flows.spec import resolve_allocation
+            from askap_flows.spec_profile import resolve_allocation
 
             alloc = resolve_allocation({"nodes": 1, "ntasks_per_node": 1,
                                         "job_name_prefix": PREFIX}, "testbed", "slurm")
@@ -404,9 +405,9 @@ def main() -> int:
 
 
 def _cancel_own_jobs() -> None:
-    from askap_flows import slurm
+    from askap_flows import slurm_query
 
-    for job_id, *_ in slurm.jobs_with_prefix(PREFIX):
+    for job_id, *_ in slurm_query.jobs_with_prefix(PREFIX):
         subprocess.run(["scancel", job_id], capture_output=True)
 
 

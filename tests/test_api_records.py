@@ -35,7 +35,8 @@ def test_pipeline_runs_and_slurm_records_are_in_the_api(hello_program, no_jobs_l
     from prefect import flow
 
     from askap_flows import compat
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     @flow(name="api-records-pipeline")
     def pipeline():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from askap_flows import board, slurm
+from askap_flows import board, slurm, slurm_query
 
 pytestmark = pytest.mark.unit
 
@@ -160,7 +160,7 @@ def test_poll_settings_from_the_environment():
 
 
 def test_node_classification_retries_only_for_failed_nodes():
-    failed, other = slurm.classify_nodes(
+    failed, other = slurm_query.classify_nodes(
         "node1|down*|Not responding\nnode2|drain|maintenance\nnode3|idle*|none\n"
         "node4|drng|x\nnode5|maint|none\nnode6|comp|none\nnode7|alloc|none\n")
     assert set(failed) == {"node1", "node3"}
@@ -179,7 +179,7 @@ def test_node_classification_retries_only_for_failed_nodes():
 def test_only_a_failed_node_makes_a_lost_job_retryable(monkeypatch, state, sinfo, retryable):
     monkeypatch.setattr(slurm, "hostnames", lambda nodelist: ["node1"])
     monkeypatch.setattr(slurm, "node_problems",
-                        lambda nodes, cluster="": slurm.classify_nodes(sinfo))
+                        lambda nodes, cluster="": slurm_query.classify_nodes(sinfo))
     job = board.JobState("77", "run-x", state, "None", "node1", "00:01:00")
     lost = slurm.job_lost(job, "run-x", "/logs/run-x-77.err")
     assert lost.retryable is retryable, lost

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from askap_flows import board, cli, clusters, jobs, shell, slurm
+from askap_flows import board, cli, clusters, jobs, shell, slurm, slurm_query
 
 pytestmark = pytest.mark.unit
 
@@ -32,8 +32,8 @@ class Shell:
 def fake_shell(monkeypatch):
     fake = Shell()
     monkeypatch.setattr(shell, "run", fake)
-    monkeypatch.setattr(slurm.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
-    monkeypatch.setattr(slurm, "_checked", {})
+    monkeypatch.setattr(slurm_query.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    monkeypatch.setattr(slurm_query, "_checked", {})
     return fake
 
 
@@ -121,11 +121,11 @@ def test_the_job_class_of_a_clusters_profile_cancels_on_the_job_s_cluster():
 
 
 def test_preflight_sinfo_and_the_node_check_carry_dash_m(fake_shell):
-    slurm.check_available("far")
+    slurm_query.check_available("far")
     assert fake_shell.of("sinfo") == [["sinfo", "-M", "far", "-h", "-o", "%P"]]
-    slurm.node_problems(["farnode1"], "far")
+    slurm_query.node_problems(["farnode1"], "far")
     assert fake_shell.of("sinfo")[-1][:3] == ["sinfo", "-M", "far"]
-    slurm.check_available()  # this host's cluster: asked separately, without -M
+    slurm_query.check_available()  # this host's cluster: asked separately, without -M
     assert fake_shell.of("sinfo")[-1] == ["sinfo", "-h", "-o", "%P"]
 
 
@@ -138,7 +138,7 @@ def test_a_rejected_test_submit_shows_sinfo_of_the_scripts_cluster(monkeypatch):
     monkeypatch.setattr(shell, "run", fake_run)
     monkeypatch.setattr(shell, "output", lambda argv, **kw: calls.append(list(argv)) or "")
     with pytest.raises(slurm.SlurmError, match="invalid partition"):
-        slurm._test_submit("#!/bin/sh\n#SBATCH --clusters=far\n")
+        slurm_query._test_submit("#!/bin/sh\n#SBATCH --clusters=far\n")
     assert calls[-1][:3] == ["sinfo", "-M", "far"]
 
 

@@ -20,7 +20,7 @@ def _port(url):
 
 @pytest.mark.unit
 def test_bad_composition_arguments_are_refused():
-    from askap_flows.flows import run_subflows
+    from askap_flows.composition import run_subflows
 
     with pytest.raises(ValueError, match="max_concurrent must be a whole number >= 1, got 0"):
         run_subflows([print], max_concurrent=0)
@@ -33,7 +33,7 @@ def test_prefect_2_runs_at_most_its_measured_limit_at_once(monkeypatch, caplog):
     """Prefect 2 stalled with 140 sub-flows at once (benchmarks/README.md): run_subflows caps it."""
     import threading
 
-    from askap_flows import compat, flows
+    from askap_flows import compat, composition
 
     assert compat.MAX_CONCURRENT_SUBFLOWS == (80 if compat.PREFECT_MAJOR < 3 else None)
     monkeypatch.setattr(compat, "MAX_CONCURRENT_SUBFLOWS", 2)
@@ -49,7 +49,7 @@ def test_prefect_2_runs_at_most_its_measured_limit_at_once(monkeypatch, caplog):
         return True
 
     with caplog.at_level("WARNING", logger="askap_flows"):
-        outcomes = flows.run_subflows([call] * 6, max_concurrent=6)
+        outcomes = composition.run_subflows([call] * 6, max_concurrent=6)
     assert all(o.ok for o in outcomes) and peak[0] == 2
     assert "running at most 2 of the 6 sub-flows at once, not 6" in caplog.text
 
@@ -71,7 +71,8 @@ def test_summary_names_the_failed_subflow():
 def test_each_invocation_gets_its_own_cluster(hello_program):
     from prefect import flow
 
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     @flow
     def parent(n: int):
@@ -104,7 +105,8 @@ def test_array_subflow_composes_with_mpi_subflows(hello_program):
     import numpy as np
     from prefect import flow
 
-    from askap_flows.flows import array_subflow, mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import array_subflow, mpi_subflow
 
     @flow
     def parent():
@@ -121,7 +123,8 @@ def test_array_subflow_composes_with_mpi_subflows(hello_program):
 def test_12_concurrent_slurm_subflows(hello_program, no_jobs_left):
     from prefect import flow
 
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     @flow
     def parent():

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from askap_flows import compat, database
-from askap_flows.database import DatabaseError
+from askap_flows import compat, database, database_reach, database_url
+from askap_flows.database_url import DatabaseError
 from conftest import ROOT, _missing
 
 PG_SCRIPT = ROOT / "scripts" / "postgres_database.sh"
@@ -55,41 +55,41 @@ def clean_env(**extra: str) -> dict[str, str]:
 # =========================================================================== unit
 @pytest.mark.unit
 def test_postgres_url_is_quoted_and_parses_back():
-    url = database.postgres_url("127.0.0.2", 5999, "pre fect", "p@ss w/rd:'x", "my db")
+    url = database_url.postgres_url("127.0.0.2", 5999, "pre fect", "p@ss w/rd:'x", "my db")
     assert url == ("postgresql+asyncpg://pre%20fect:p%40ss%20w%2Frd%3A%27x@127.0.0.2:5999/my%20db")
-    db = database.parse_url(url)
+    db = database_url.parse_url(url)
     assert (db.dialect, db.host, db.port, db.user, db.password, db.database) == (
         "postgresql", "127.0.0.2", 5999, "pre fect", "p@ss w/rd:'x", "my db")
-    assert database.redact(url) == "postgresql+asyncpg://pre%20fect:***@127.0.0.2:5999/my%20db"
+    assert database_url.redact(url) == "postgresql+asyncpg://pre%20fect:***@127.0.0.2:5999/my%20db"
     assert "p%40ss" not in repr(db)
-    assert database.parse_url("postgresql+asyncpg://u@h/d").port == 5432
+    assert database_url.parse_url("postgresql+asyncpg://u@h/d").port == 5432
 
 
 @pytest.mark.unit
 def test_bad_urls_say_what_prefect_needs():
     with pytest.raises(DatabaseError, match=r"asyncpg driver.*postgresql\+asyncpg://"):
-        database.parse_url("postgresql://u:p@h:5432/d")
+        database_url.parse_url("postgresql://u:p@h:5432/d")
     with pytest.raises(DatabaseError, match="unsupported database URL scheme 'mysql'"):
-        database.parse_url("mysql://u:secret@h/d")
+        database_url.parse_url("mysql://u:secret@h/d")
     with pytest.raises(DatabaseError, match="not a database URL") as err:
-        database.parse_url("127.0.0.1:5432")
+        database_url.parse_url("127.0.0.1:5432")
     with pytest.raises(DatabaseError, match="has no host"):
-        database.parse_url("postgresql+asyncpg:///prefect")
+        database_url.parse_url("postgresql+asyncpg:///prefect")
     assert "secret" not in str(err.value)
 
 
 @pytest.mark.unit
 def test_sqlite_url_and_the_configured_url(tmp_path):
-    assert database.sqlite_url(tmp_path) == f"sqlite+aiosqlite:///{tmp_path}/prefect.db"
-    db = database.parse_url(database.sqlite_url(tmp_path))
+    assert database_url.sqlite_url(tmp_path) == f"sqlite+aiosqlite:///{tmp_path}/prefect.db"
+    db = database_url.parse_url(database_url.sqlite_url(tmp_path))
     assert db.is_sqlite and db.database == f"{tmp_path}/prefect.db"
-    url, source = database.configured_url({"PREFECT_HOME": str(tmp_path)})
-    assert url == database.sqlite_url(tmp_path) and "sqlite" in source
+    url, source = database_url.configured_url({"PREFECT_HOME": str(tmp_path)})
+    assert url == database_url.sqlite_url(tmp_path) and "sqlite" in source
     pg = "postgresql+asyncpg://prefect:pw@127.0.0.2:5999/prefect"
     for name in compat.DATABASE_URL_VARS:  # every name the installed major reads
-        assert database.configured_url({"PREFECT_HOME": str(tmp_path), name: pg}) == (pg, name)
+        assert database_url.configured_url({"PREFECT_HOME": str(tmp_path), name: pg}) == (pg, name)
     # Like Prefect itself, the legacy name is not read (preflight warns about it instead).
-    url, _ = database.configured_url({"PREFECT_HOME": str(tmp_path),
+    url, _ = database_url.configured_url({"PREFECT_HOME": str(tmp_path),
                                       "PREFECT_ORION_DATABASE_CONNECTION_URL": pg})
     assert url.startswith("sqlite")
 
@@ -173,7 +173,7 @@ def test_legacy_orion_variables_get_a_loud_warning(tmp_path):
 def test_sqlite_refuses_high_concurrency(tmp_path):
     env = {"PREFECT_HOME": str(tmp_path)}
     plan = database.preflight(database.SQLITE_MAX_CONCURRENT, env=env)
-    assert plan.url == database.sqlite_url(tmp_path) and plan.server_env == {}
+    assert plan.url == database_url.sqlite_url(tmp_path) and plan.server_env == {}
     with pytest.raises(DatabaseError) as err:
         database.preflight(database.SQLITE_MAX_CONCURRENT + 1, env=env)
     msg = str(err.value)
@@ -194,9 +194,9 @@ def test_sqlite_in_an_unwritable_place(tmp_path):
     else:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        url = database.sqlite_url(locked / "home")
+        url = database_url.sqlite_url(locked / "home")
     with pytest.raises(DatabaseError, match="cannot be written.*PREFECT_HOME"):
-        database.check_reachable(url)
+        database_reach.check_reachable(url)
 
 
 @pytest.mark.unit
@@ -207,23 +207,23 @@ def test_a_database_of_another_prefect_version_is_refused(tmp_path):
         conn.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
     before = path.read_bytes()
     with pytest.raises(DatabaseError) as err:
-        database.check_reachable(f"sqlite+aiosqlite:///{path}")
+        database_reach.check_reachable(f"sqlite+aiosqlite:///{path}")
     assert "migrated by another Prefect version" in str(err.value)
     assert "ffffffffffff" in str(err.value) and compat.PREFECT_VERSION in str(err.value)
     assert path.read_bytes() == before  # untouched
     known = sorted(compat.known_migrations("sqlite"))[0]
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE alembic_version SET version_num = ?", (known,))
-    database.check_reachable(f"sqlite+aiosqlite:///{path}")
+    database_reach.check_reachable(f"sqlite+aiosqlite:///{path}")
 
 
 @pytest.mark.unit
 def test_unreachable_database_names_cause_and_fix():
     port = free_port()  # nothing listens there
-    url = database.postgres_url(ADDRESS, port, "prefect", "pw")
+    url = database_url.postgres_url(ADDRESS, port, "prefect", "pw")
     started = time.monotonic()
     with pytest.raises(DatabaseError) as err:
-        database.check_reachable(url, timeout=3)
+        database_reach.check_reachable(url, timeout=3)
     assert time.monotonic() - started < 3
     msg = str(err.value)
     assert f"cannot reach PostgreSQL at {ADDRESS}:{port}: connection refused" in msg
@@ -237,10 +237,10 @@ def test_a_database_that_does_not_answer_times_out_clearly():
     with socket.socket() as silent:  # accepts TCP connections, never says a word
         silent.bind((ADDRESS, 0))
         silent.listen(8)
-        url = database.postgres_url(ADDRESS, silent.getsockname()[1], "prefect", "pw")
+        url = database_url.postgres_url(ADDRESS, silent.getsockname()[1], "prefect", "pw")
         started = time.monotonic()
         with pytest.raises(DatabaseError, match=r"no answer from PostgreSQL .* within 1 s"):
-            database.check_reachable(url, timeout=1)
+            database_reach.check_reachable(url, timeout=1)
         assert time.monotonic() - started < 10
 
 
@@ -256,7 +256,7 @@ def test_check_reachable_works_inside_an_event_loop():
 
     async def inside():
         with pytest.raises(DatabaseError, match="connection refused"):
-            database.check_reachable(database.postgres_url(ADDRESS, free_port(), "u", "p"))
+            database_reach.check_reachable(database_url.postgres_url(ADDRESS, free_port(), "u", "p"))
 
     asyncio.run(inside())
 
@@ -292,7 +292,7 @@ def test_cli_db_url(tmp_path):
     assert r.stdout.strip() == "postgresql+asyncpg://prefect:***@127.0.0.2:5999/prefect"
     assert compat.DATABASE_URL_VARS[0] in r.stderr
     r = cli("db", "url", env=clean_env(PREFECT_HOME=str(tmp_path)))
-    assert r.stdout.strip() == database.sqlite_url(tmp_path)
+    assert r.stdout.strip() == database_url.sqlite_url(tmp_path)
 
 
 @pytest.mark.unit
@@ -370,7 +370,7 @@ class Postgres:
 
     def url(self, db: str = "prefect", password: str | None = None) -> str:
         password = password or (self.dir / "password").read_text().strip()
-        return database.postgres_url(ADDRESS, self.port, "prefect", password, db)
+        return database_url.postgres_url(ADDRESS, self.port, "prefect", password, db)
 
     def stop(self) -> None:
         if (self.dir / "data" / "postmaster.pid").exists():
@@ -402,7 +402,7 @@ def postgres(pg_base):
 @pytest.mark.postgres
 def test_reachable_database_and_its_plan(postgres):
     url = postgres.url(f"prefect{compat.PREFECT_MAJOR}")
-    database.check_reachable(url)
+    database_reach.check_reachable(url)
     plan = database.preflight(BOUND, database_url=url, env=clean_env())
     assert plan.url == url and plan.pool == database.size_pool(BOUND)
     assert plan.server_env == database.size_pool(BOUND).env()
@@ -413,7 +413,7 @@ def test_reachable_database_and_its_plan(postgres):
 def test_wrong_password_message(postgres):
     url = postgres.url(f"prefect{compat.PREFECT_MAJOR}", password="not-the-password")
     with pytest.raises(DatabaseError) as err:
-        database.check_reachable(url)
+        database_reach.check_reachable(url)
     msg = str(err.value)
     assert f"PostgreSQL at {ADDRESS}:{postgres.port} refused the login of user 'prefect'" in msg
     assert "password authentication failed" in msg and "password in the database URL is wrong" in msg
@@ -423,7 +423,7 @@ def test_wrong_password_message(postgres):
 @pytest.mark.postgres
 def test_missing_database_message(postgres):
     with pytest.raises(DatabaseError) as err:
-        database.check_reachable(postgres.url("no_such_db"))
+        database_reach.check_reachable(postgres.url("no_such_db"))
     msg = str(err.value)
     assert "the database 'no_such_db' does not exist" in msg
     assert "postgres_database.sh start --db no_such_db" in msg
@@ -449,7 +449,7 @@ def test_cli_server_runs_in_the_foreground(postgres, tmp_path):
         assert password not in ps  # the server's command lines never show it
         assert lines == [f"Prefect UI: http://127.0.0.1:{port}/\n",
                          f"export PREFECT_API_URL=http://127.0.0.1:{port}/api\n"], proc.stderr.read()
-        database.check_server(f"http://127.0.0.1:{port}/api")  # its database answers too
+        database_reach.check_server(f"http://127.0.0.1:{port}/api")  # its database answers too
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             assert r.status == 200  # the UI
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -488,7 +488,7 @@ def test_cli_server_url_file_any_port_and_a_pool_for_hundreds_of_subflows(postgr
         text = found.read_text()
         assert text.startswith("export PREFECT_API_URL=http://127.0.0.1:") and ":0/" not in text
         api = text.split("=", 1)[1].strip()
-        database.check_server(api)
+        database_reach.check_server(api)
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         environ = Path(f"/proc/{children[0]}/environ").read_text().split("\0")
         assert database.size_pool(200, 400).pool_size == 40

@@ -87,7 +87,7 @@ def hostnames(nodelist: str) -> list[str]:
 def in_parent_flow(calls, max_concurrent: int):
     from prefect import flow
 
-    from askap_flows.flows import run_subflows
+    from askap_flows.composition import run_subflows
 
     @flow(name="faults-parent")
     def parent():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from askap_flows import cli, host, slurm
-from askap_flows.spec import packaged_profiles
+from askap_flows.spec_profile import packaged_profiles
 
 pytestmark = pytest.mark.unit
 GOLDEN = Path(__file__).with_name("golden")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from askap_flows import slurm
+from askap_flows import slurm, slurm_query
 from askap_flows.mpi import MPIError
 
 pytestmark = pytest.mark.slurm
@@ -25,7 +25,7 @@ def test_two_nodes_two_tasks_each_two_cpus(tmp_path, hello_program, no_jobs_left
         by_node.setdefault(r.processor, []).append(r.rank)
     assert sorted(len(v) for v in by_node.values()) == [2, 2]  # 2 nodes, 2 ranks each
     assert {r.cpus for r in res.ranks} == {"2"} and {r.size for r in res.ranks} == {4}
-    info = slurm.job_info(res.job_id)  # SLURM's own record of the job
+    info = slurm_query.job_info(res.job_id)  # SLURM's own record of the job
     assert info["NumNodes"] == "2" and info["CPUs/Task"] == "2", info
     assert info["NumTasks"] == "4", info
 

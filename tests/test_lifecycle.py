@@ -187,7 +187,7 @@ def test_an_interrupt_before_the_subflows_start_is_not_forgotten():
     """A Ctrl-C that arrives while the parent flow run is being created must stop the sub-flows
     from starting (run_subflows cleared it); once that composition has ended, a new one runs."""
     from askap_flows import runners
-    from askap_flows.flows import run_subflows
+    from askap_flows.composition import run_subflows
 
     try:
         runners.cancel_everything()  # the interrupt, before the composition

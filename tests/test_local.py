@@ -73,7 +73,8 @@ def test_failing_subflow_does_not_stop_its_siblings(tmp_path):
 
     from prefect import flow
 
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     @flow
     def parent():
@@ -91,7 +92,7 @@ def test_in_process_workers_run_without_the_profiler_and_wait_longer_to_connect(
     import dask
 
     from askap_flows.runners import local_runner
-    from askap_flows.spec import resolve_allocation
+    from askap_flows.spec_profile import resolve_allocation
 
     with dask.config.set({"distributed.worker.profile.enabled": True}):
         local_runner(resolve_allocation(None, None, "local"))
@@ -154,7 +155,8 @@ def test_many_subflows_at_once_in_a_fresh_home_all_build_and_run(tmp_path, monke
     (each sub-flow building it under one shared temporary name failed 1-2 of 4)."""
     from prefect import flow
 
-    from askap_flows.flows import mpi_subflow, run_subflows
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
 
     home = tmp_path / "fresh home"
     monkeypatch.setenv("ASKAP_FLOWS_HOME", str(home))

@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from askap_flows import doctor, mpi
+from askap_flows import doctor_mpi, doctor_report, mpi
 from askap_flows.shell import CommandError
-from askap_flows.spec import PROFILE_DIR, MPISpec, build_specs
+from askap_flows.spec import MPISpec
+from askap_flows.spec_profile import PROFILE_DIR, build_specs
 from conftest import ROOT, run_main
 from test_doctor import doctor_cli, statuses
 
@@ -39,8 +40,8 @@ def test_program_paths_per_mpi_family_and_the_profile(tmp_path, monkeypatch):
     assert mpi.default_program("/opt/other/mpicc.openmpi") != ompi  # same name, other MPI
     with pytest.raises(mpi.MPIError, match="mpi: mpicc: /nonexistent/mpicc.openmpi"):
         mpi.build_hello(mpicc="/nonexistent/mpicc.openmpi")
-    row = doctor.mpicc_check(None, None, ompi, None, False, wanted="/nonexistent/mpicc.openmpi")
-    assert row.status == doctor.FAIL and "apt-get install openmpi-bin" in row.fix
+    row = doctor_mpi.mpicc_check(None, None, ompi, None, False, wanted="/nonexistent/mpicc.openmpi")
+    assert row.status == doctor_report.FAIL and "apt-get install openmpi-bin" in row.fix
     _, spec = build_specs("testbed_openmpi")
     assert spec.mpi_plugin == "pmix" and spec.mpicc == OMPI_CC
     assert mpi.launch_command(spec)[-1] == str(ompi)
@@ -49,21 +50,21 @@ def test_program_paths_per_mpi_family_and_the_profile(tmp_path, monkeypatch):
 @pytest.mark.unit
 def test_library_from_ldd_and_wrapper_and_the_fixes():
     ompi = "\tlibmpi.so.40 => /lib/x86_64-linux-gnu/libmpi.so.40 (0x7f)\n\tlibc.so.6 => /x (0x1)\n"
-    assert doctor.linked_flavour(ompi) == ("openmpi", "libmpi.so.40")
-    assert doctor.linked_flavour("\tlibmpich.so.12 => /lib/libmpich.so.12 (0x7f)\n")[0] == "mpich"
-    assert doctor.linked_flavour("\tlibmpi.so.12 => /venv/lib/libmpi.so.12 (0x7f)\n")[0] == "mpich"
-    assert doctor.linked_flavour("\tlibc.so.6 => /x (0x1)\n") == (None, "")
-    assert doctor.wrapper_flavour("gcc -I/usr/include/x86_64-linux-gnu/mpich -lmpich") == "mpich"
-    assert doctor.wrapper_flavour("gcc -I/usr/lib/x86_64-linux-gnu/openmpi/include -lmpi") == "openmpi"
+    assert doctor_mpi.linked_flavour(ompi) == ("openmpi", "libmpi.so.40")
+    assert doctor_mpi.linked_flavour("\tlibmpich.so.12 => /lib/libmpich.so.12 (0x7f)\n")[0] == "mpich"
+    assert doctor_mpi.linked_flavour("\tlibmpi.so.12 => /venv/lib/libmpi.so.12 (0x7f)\n")[0] == "mpich"
+    assert doctor_mpi.linked_flavour("\tlibc.so.6 => /x (0x1)\n") == (None, "")
+    assert doctor_mpi.wrapper_flavour("gcc -I/usr/include/x86_64-linux-gnu/mpich -lmpich") == "mpich"
+    assert doctor_mpi.wrapper_flavour("gcc -I/usr/lib/x86_64-linux-gnu/openmpi/include -lmpi") == "openmpi"
     lines = ["srun: pmi2 ...", "but OMPI was not built with SLURM's PMI support and therefore cannot",
              "srun: error: node1: tasks 0-3: Exited with exit code 1"]
     hint = mpi.first_failure(lines, "pmi2")
     assert "--mpi=pmi2" in hint and hint.endswith("Fix: set mpi: mpi_plugin: pmix in the profile.")
     pmix = MPISpec(nodes=3, ntasks=6, mpi_plugin="pmix")
-    row = doctor.mpi_plugin_check(pmix, "\tpmix\n\tpmi2\n", "mpich")
-    assert row.status == doctor.FAIL and row.fix == "set mpi: mpi_plugin: pmi2 in the profile"
-    row = doctor.mpi_plugin_check(MPISpec(mpi_plugin="pmi2"), "\tpmix\n\tpmi2\n", "openmpi")
-    assert row.status == doctor.FAIL and "MPI_Init would abort" in row.detail
+    row = doctor_mpi.mpi_plugin_check(pmix, "\tpmix\n\tpmi2\n", "mpich")
+    assert row.status == doctor_report.FAIL and row.fix == "set mpi: mpi_plugin: pmi2 in the profile"
+    row = doctor_mpi.mpi_plugin_check(MPISpec(mpi_plugin="pmi2"), "\tpmix\n\tpmi2\n", "openmpi")
+    assert row.status == doctor_report.FAIL and "MPI_Init would abort" in row.detail
     assert row.fix == "set mpi: mpi_plugin: pmix in the profile"
 
 
@@ -141,8 +142,8 @@ def test_doctor_names_the_linked_library_and_fails_both_mismatches(ompi_program,
         bad = tmp_path / f"{name}_wrong.yaml"
         bad.write_text((PROFILE_DIR / f"{name}.yaml").read_text().replace(line, fix))
         r = doctor_cli("--profile", str(bad))
-        assert r.returncode == 1 and statuses(r.stdout)["MPI plugin"] == doctor.FAIL, r.stdout
+        assert r.returncode == 1 and statuses(r.stdout)["MPI plugin"] == doctor_report.FAIL, r.stdout
         assert f"fix: set mpi: {line} in the profile" in r.stdout
         family = "Open MPI" if name == "testbed_openmpi" else "MPICH"
         (row,) = [x for x in r.stdout.splitlines() if x.startswith("MPI library")]
-        assert statuses(r.stdout)["MPI library"] == doctor.OK and f"  {family}: " in row
+        assert statuses(r.stdout)["MPI library"] == doctor_report.OK and f"  {family}: " in row

@@ -1,9 +1,9 @@
-"""A sub-flow's job frees its nodes as soon as its MPI step has returned (flows._release_nodes)."""
+"""A sub-flow's job frees its nodes as soon as its MPI step has returned (mpi_run._release_nodes)."""
 
 import pytest
 from distributed import Client, LocalCluster
 
-from askap_flows import flows
+from askap_flows import mpi_run
 
 pytestmark = pytest.mark.unit
 
@@ -17,5 +17,5 @@ def test_the_worker_leaves_once_the_step_result_is_fetched():
         assert future.result() == {"exit_code": 0}
         assert client.retire_workers(workers=list(client.scheduler_info()["workers"])) == {}
         assert len(client.scheduler_info()["workers"]) == 1  # plain retire: refused
-        flows._release_nodes(client, future)
+        mpi_run._release_nodes(client, future)
         assert client.scheduler_info()["workers"] == {}

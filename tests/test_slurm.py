@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from askap_flows import slurm
+from askap_flows import slurm_query
 from conftest import run_main
 
 pytestmark = pytest.mark.slurm
@@ -21,7 +21,7 @@ def test_three_node_subflow_forms_one_world(hello_program, no_jobs_left):
     assert all(r.allreduce == 15 for r in res.ranks)
     assert res.job_id and res.nodes == ["node1", "node2", "node3"]
     # SLURM's own record of the job (not our text): it had 3 nodes, and it is gone from the queue
-    info = slurm.job_info(res.job_id)
+    info = slurm_query.job_info(res.job_id)
     assert info.get("NumNodes") == "3", info
     assert info.get("JobName", "").startswith("askapflows-")
     queued = subprocess.run(["squeue", "-h", "-j", res.job_id, "-o", "%T"], capture_output=True,

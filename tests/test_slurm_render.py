@@ -2,8 +2,9 @@ import subprocess
 
 import pytest
 
-from askap_flows import slurm
-from askap_flows.spec import AllocationSpec, build_specs
+from askap_flows import slurm, slurm_query
+from askap_flows.spec import AllocationSpec
+from askap_flows.spec_profile import build_specs
 
 pytestmark = pytest.mark.unit
 
@@ -59,13 +60,13 @@ def test_preflight_checks_ask_slurm_once_when_many_sub_flows_start_at_once(monke
         time.sleep(0.2)  # SLURM takes a moment to answer: every thread gets to ask meanwhile
         return shell.Completed(list(argv), 0, "debug\n", "", 0.2)
 
-    monkeypatch.setattr(slurm.shell, "run", fake_run)
-    monkeypatch.setattr(slurm.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
-    monkeypatch.setattr(slurm, "_checked", {})
+    monkeypatch.setattr(slurm_query.shell, "run", fake_run)
+    monkeypatch.setattr(slurm_query.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    monkeypatch.setattr(slurm_query, "_checked", {})
 
     def preflight():
-        slurm.check_available()
-        slurm.test_submit("#!/bin/sh\n#SBATCH -p debug\n")
+        slurm_query.check_available()
+        slurm_query.test_submit("#!/bin/sh\n#SBATCH -p debug\n")
 
     threads = [threading.Thread(target=preflight) for _ in range(12)]
     for t in threads:

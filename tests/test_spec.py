@@ -1,17 +1,8 @@
 import pytest
 
 from askap_flows.mpi import launch_command
-from askap_flows.spec import (
-    AllocationSpec,
-    MPISpec,
-    SpecError,
-    build_specs,
-    check_fits,
-    packaged_profiles,
-    read_profile,
-    resolve_specs,
-    walltime_seconds,
-)
+from askap_flows.spec import AllocationSpec, MPISpec, SpecError, check_fits, walltime_seconds
+from askap_flows.spec_profile import build_specs, packaged_profiles, read_profile, resolve_specs
 
 pytestmark = pytest.mark.unit
 
@@ -142,7 +133,7 @@ def test_every_library_error_derives_from_askap_flows_error_and_keeps_its_old_ba
 
 def test_a_count_below_its_minimum_is_one_kind_of_error_everywhere(monkeypatch):
     """nodes, retries, n_arrays, size, max_concurrent, the sqlite limit: one SpecError, one text."""
-    from askap_flows import database, flows
+    from askap_flows import composition, database, flows
 
     cases = [
         (lambda: AllocationSpec(nodes=0), "nodes must be a whole number >= 1, got 0"),
@@ -150,7 +141,7 @@ def test_a_count_below_its_minimum_is_one_kind_of_error_everywhere(monkeypatch):
         (lambda: flows.mpi_subflow(retries=-1), "retries must be a whole number >= 0, got -1"),
         (lambda: flows.array_subflow(n_arrays=0), "n_arrays must be a whole number >= 1, got 0"),
         (lambda: flows.array_subflow(size=2.5), "size must be a whole number >= 1, got 2.5"),
-        (lambda: flows.run_subflows([], max_concurrent=0),
+        (lambda: composition.run_subflows([], max_concurrent=0),
          "max_concurrent must be a whole number >= 1, got 0"),
         (lambda: database.size_pool(0), "max_concurrent must be a whole number >= 1, got 0"),
         (lambda: database.sqlite_limit({database.SQLITE_LIMIT_ENV: "0"}),

@@ -4,7 +4,8 @@ Importing this package does not import Prefect; ``askap_flows.flows`` does.
 """
 
 from .errors import AskapFlowsError
-from .spec import AllocationSpec, MPISpec, SpecError, build_specs
+from .spec import AllocationSpec, MPISpec, SpecError
+from .spec_profile import build_specs
 
 __all__ = ["AskapFlowsError", "AllocationSpec", "MPISpec", "SpecError", "build_specs",
            "mpi_subflow", "array_subflow", "run_subflows", "prefect_server", "allocation",
@@ -17,10 +18,14 @@ def __getattr__(name: str):
         from .server import prefect_server
 
         return prefect_server
-    if name in ("mpi_subflow", "array_subflow", "run_subflows"):
+    if name in ("mpi_subflow", "array_subflow"):
         from . import flows
 
         return getattr(flows, name)
+    if name == "run_subflows":
+        from .composition import run_subflows
+
+        return run_subflows
     if name == "task_runner":
         from .flow_runner import task_runner
 

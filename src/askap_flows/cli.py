@@ -10,8 +10,9 @@ import os
 import shlex
 import sys
 
-from . import cluster_yaml, host, mpi, server_cli, slurm
-from .spec import BACKENDS, MPISpec, SpecError, load_profile, packaged_profiles, read_profile
+from . import cluster_yaml, host, mpi, server_cli, slurm, slurm_query
+from .spec import MPISpec, SpecError
+from .spec_profile import BACKENDS, load_profile, packaged_profiles, read_profile
 
 
 def cmd_build_mpi(args) -> int:
@@ -100,7 +101,7 @@ def _render_jobqueue(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from . import doctor
+    from . import doctor, doctor_report
     from .run import cli_specs, prepare_environment
 
     if args.max_concurrent < 1:
@@ -116,19 +117,19 @@ def cmd_doctor(args) -> int:
         specs = lambda: (cluster_yaml.as_allocation(cluster_yaml.read(data, str(path))),  # noqa: E731
                          MPISpec())
     rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent, specs=specs)
-    print(doctor.render_table(rows))
-    failed = [r.name for r in rows if r.status == doctor.FAIL]
+    print(doctor_report.render_table(rows))
+    failed = [r.name for r in rows if r.status == doctor_report.FAIL]
     print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed
           else "no check failed")
-    return doctor.exit_code(rows)
+    return doctor_report.exit_code(rows)
 
 
 def cmd_cleanup(args) -> int:
     where = args.clusters
     if where is None and args.profile:  # the clusters: its sub-flows submitted to (sbatch -M)
         where = read_profile(args.profile)["allocation"].get("clusters")
-    slurm.check_available(where)
-    jobs = slurm.jobs_with_prefix(args.prefix, where)
+    slurm_query.check_available(where)
+    jobs = slurm_query.jobs_with_prefix(args.prefix, where)
     on = f" on cluster(s) {where}" if where else ""
     if not jobs:
         print(f"no SLURM jobs named {args.prefix}-* are left{on}")
@@ -145,7 +146,7 @@ def cmd_cleanup(args) -> int:
 
     for cluster, _, name, _, _ in jobs:  # one scancel each; the job board watches them end
         cancel_named(name, clusters_=cluster or None)
-    left = slurm.jobs_with_prefix(args.prefix, where)
+    left = slurm_query.jobs_with_prefix(args.prefix, where)
     still = f"; {len(left)} still listed" if left else ""
     print(f"cancelled {len(jobs) - len(left)} job(s){still}")
     return 1 if left else 0

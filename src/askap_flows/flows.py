@@ -3,35 +3,28 @@
 ``mpi_subflow(...)`` is a plain function: when called it resolves the specs, checks everything that
 can be checked before submitting (specs, program, SLURM), builds a fresh task runner, and runs the
 ``mpi-subflow`` flow with it. Called inside a parent flow it is a sub-flow of that flow.
+Its MPI step is the task of :mod:`askap_flows.mpi_run`; ``run_subflows`` (many sub-flow calls at
+once) is in :mod:`askap_flows.composition`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import socket
-import threading
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from . import compat, launch, mpi, runners, slurm, watch
+from . import compat, mpi, runners, slurm, slurm_query, watch
 from .jobs import RunHandle
-from .spec import (
-    AllocationSpec,
-    MPISpec,
-    excluding_nodes,
-    resolve_allocation,
-    resolve_specs,
-    whole_number,
-)
+from .mpi_run import run_mpi
+from .spec import AllocationSpec, MPISpec, excluding_nodes, whole_number
+from .spec_profile import resolve_allocation, resolve_specs
 
 
 @dataclass
@@ -56,90 +49,6 @@ class MPIRunResult:
         return d
 
 
-# --------------------------------------------------------------------------- the MPI task
-@task(name="mpi-run")
-def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
-            release_nodes: bool = True) -> dict:
-    """Run the MPI step on this sub-flow's Dask worker (``launch.mpi_step``) and write its output
-    to this task's Prefect log as it comes. The task itself runs in the sub-flow's process: the
-    worker imports no Prefect, which would cost the job's nodes seconds of start-up.
-    ``release_nodes=False`` keeps the worker (a user's flow may run more steps on its job)."""
-    logger = get_run_logger()
-    client = compat.current_dask_client()
-    topic = f"askap-mpi-{uuid.uuid4().hex}"
-    relayed = LineCount()
-    client.subscribe_topic(topic, relayed.relay_to(logger))
-    future = None
-    slurm_run = run.backend == "slurm"
-    try:
-        future = client.submit(launch.mpi_step, spec, program, check_ranks, topic, pure=False)
-        job = watch.watch_job(future, run, logger, runners.shutting_down.is_set) \
-            if slurm_run else None
-        try:
-            data = watch.result(future, job, run)
-        except Exception:
-            relayed.wait_for(None, quiet_after=1.0)  # whatever of the last lines comes
-            raise
-        relayed.wait_for(data["lines"], quiet_after=5.0)
-        return data
-    finally:
-        client.unsubscribe_topic(topic)
-        if release_nodes and slurm_run and future is not None and future.done():
-            _release_nodes(client, future)
-
-
-def _release_nodes(client, future) -> None:
-    """The MPI step was the job's only work: let its worker leave now, so that the job ends and
-    frees its nodes while the sub-flow still records its results (the cluster's close, after
-    the flow run, was the first to do so). Best effort: closing the cluster ends the job anyway."""
-    try:
-        future.release()  # its result is here; Dask retires no worker that holds the only copy
-        deadline = time.monotonic() + 2.0
-        while any(client.has_what().values()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        client.retire_workers(workers=list(client.scheduler_info()["workers"]), close_workers=True)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-class LineCount:
-    """Lines relayed so far, counted from Dask's event thread and read by the task's thread."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._n = 0
-
-    def relay_to(self, logger) -> Callable[[Any], None]:
-        """A Dask topic handler that writes each relayed line to ``logger`` and counts it."""
-
-        def relay(event) -> None:
-            msg = event[1]
-            (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
-            self.add()
-
-        return relay
-
-    def add(self) -> None:
-        with self._cond:
-            self._n += 1
-            self._cond.notify_all()
-
-    @property
-    def value(self) -> int:
-        with self._cond:
-            return self._n
-
-    def wait_for(self, expected: int | None, quiet_after: float) -> None:
-        """Let the step's last lines arrive: until ``expected`` were relayed (None: not known) or
-        no line came for ``quiet_after`` s."""
-        with self._cond:
-            while expected is None or self._n < expected:
-                last = self._n
-                self._cond.wait(quiet_after)
-                if self._n == last:
-                    return
-
-
 # --------------------------------------------------------------------------- the flow
 @flow(name="mpi-subflow", validate_parameters=False)
 def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) -> MPIRunResult:
@@ -149,7 +58,7 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) ->
     dashboard = _cluster_started(job_name, logger)
     cluster_ready = time.time()
     data = run_mpi(spec, program, check_ranks, run)
-    nodes = slurm.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
+    nodes = slurm_query.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
         _record_job(data["job_id"], job_name, nodes, dashboard)
@@ -247,7 +156,7 @@ def mpi_subflow(
     alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
-        slurm.check_available(alloc.clusters)
+        slurm_query.check_available(alloc.clusters)
     attempt = 0
     while True:
         label = name and (f"{name}-retry{attempt}" if attempt else name)
@@ -344,80 +253,9 @@ def array_subflow(
     alloc = resolve_allocation(allocation if isinstance(allocation, AllocationSpec) else over,
                                profile, backend)
     if backend == "slurm":
-        slurm.check_available(alloc.clusters)
+        slurm_query.check_available(alloc.clusters)
     with runners.cluster_for_run(alloc, backend) as run:
         label = name or run.job_name or f"array-{run.token}"
         # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
         sub = _array_flow.with_options(task_runner=run.runner, flow_run_name=label)  # type: ignore[arg-type, unused-ignore]
         return sub(n_arrays=n_arrays, size=size, seed=seed, run=run.handle, name=label)
-
-
-# --------------------------------------------------------------------------- composition
-@dataclass
-class Outcome:
-    """The result of one sub-flow call in ``run_subflows``: a value, or the error it raised."""
-
-    index: int
-    value: Any = None
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def run_subflows(
-    calls: Sequence[Callable[[], Any]],
-    max_concurrent: int = 4,
-    on_done: Callable[[Outcome], None] | None = None,
-) -> list[Outcome]:
-    """Run sub-flow calls concurrently, at most ``max_concurrent`` at once; results in order.
-
-    A failing call does not stop the others: its Outcome carries the exception. Called inside a
-    flow, each call becomes a sub-flow run of it (the flow context is copied into each thread).
-    ``on_done(outcome)`` is called as each one finishes (for progress output).
-    """
-    whole_number("max_concurrent", max_concurrent)
-    calls = list(calls)
-    for i, c in enumerate(calls):
-        if not callable(c):
-            raise TypeError(
-                f"calls[{i}] is {type(c).__name__}, not a callable (use functools.partial).")
-    limit = compat.MAX_CONCURRENT_SUBFLOWS
-    if limit is not None and max_concurrent > limit and len(calls) > limit:
-        logging.getLogger("askap_flows").warning(
-            "running at most %d of the %d sub-flows at once, not %d: Prefect %s runs every flow "
-            "run on one event-loop thread and stalled with 140 at once (benchmarks/README.md). "
-            "Prefect 3 has no such limit.",
-            limit, len(calls), max_concurrent, compat.PREFECT_VERSION)
-        max_concurrent = limit
-
-    def one(i: int, call: Callable[[], Any], ctx: contextvars.Context) -> Outcome:
-        if runners.shutting_down.is_set():
-            return Outcome(i, error=RuntimeError("not started: the pipeline is shutting down"))
-        try:
-            outcome = Outcome(i, value=ctx.run(call))
-        except Exception as exc:  # noqa: BLE001 - reported per sub-flow
-            outcome = Outcome(i, error=exc)
-        if on_done is not None:
-            on_done(outcome)
-        return outcome
-
-    if not calls:
-        return []
-    runners.begin_composition()  # an earlier composition's interrupt is over, not a new one
-    pool = ThreadPoolExecutor(max_workers=min(max_concurrent, len(calls)),
-                              thread_name_prefix="askap-subflow")
-    futures = [pool.submit(one, i, c, contextvars.copy_context()) for i, c in enumerate(calls)]
-    try:
-        results = [f.result() for f in futures]
-    except BaseException:  # Ctrl-C, SIGTERM, SystemExit: cancel every job, leave nothing running
-        runners.cancel_everything()
-        # no waiting here: under Prefect 2 the running sub-flows wait for this thread's flow
-        # engine, so joining them would deadlock; with their jobs cancelled they end by themselves
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        runners.end_composition()
-    pool.shutdown(wait=True)
-    return results

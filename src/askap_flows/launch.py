@@ -15,7 +15,7 @@ import socket
 import time
 
 from . import board, mpi, shell
-from .slurm import SLURM_INSTALL_HINT
+from .slurm_query import SLURM_INSTALL_HINT
 from .spec import MPISpec
 
 CONTROLLER_DOWN = "Unable to contact slurm controller"

@@ -27,11 +27,12 @@ from typing import Any
 import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
 import distributed
 
-from . import board, jobs, mpi, ports, runners, slurm, watch
+from . import board, jobs, mpi, ports, runners, slurm, slurm_query, watch
 from .errors import AskapFlowsError
 from .host import log_dir as job_log_dir
 from .ledger import LedgerError, NodeLedger
-from .spec import AllocationSpec, MPISpec, build_specs, resolve_allocation, walltime_seconds
+from .spec import AllocationSpec, MPISpec, walltime_seconds
+from .spec_profile import build_specs, resolve_allocation
 
 log = logging.getLogger("askap_flows")
 _pools: dict[str, Pool] = {}  # job name -> open pool (flow parameters carry the name only)
@@ -229,12 +230,12 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                         "backend='slurm', or call mpi_subflow without pool= for local runs.")
     over = {**allocation_fields, "nodes": nodes, "walltime": walltime}
     alloc = resolve_allocation(over, profile, backend)
-    slurm.check_available(alloc.clusters)
+    slurm_query.check_available(alloc.clusters)
     runners.import_dashboard()
     token = uuid.uuid4().hex[:10]
     job_name, log_dir = f"{alloc.job_name_prefix}-pool-{token}", job_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
-    slurm.test_submit(slurm.render_job_script(
+    slurm_query.test_submit(slurm.render_job_script(
         pool_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-pool-check", log_dir)))
     handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend,
                             alloc.clusters)
@@ -257,7 +258,7 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
             # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
             env = {k: next(iter(client.run(os.getenv, k).values()))
                    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
-            held_nodes = slurm.hostnames(env["SLURM_JOB_NODELIST"])
+            held_nodes = slurm_query.hostnames(env["SLURM_JOB_NODELIST"])
             dashboard = runners.dashboard_url(client)
             pool = Pool(alloc, profile, handle, client, env["SLURM_JOB_ID"], held_nodes,
                         submitted + walltime_seconds(alloc.walltime), dashboard)

@@ -14,8 +14,9 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
-from . import clusters, launch, runners, slurm, watch
-from .flows import LineCount, MPIRunResult, _record_job
+from . import clusters, launch, runners, slurm, slurm_query, watch
+from .flows import MPIRunResult, _record_job
+from .mpi_run import LineCount
 from .pool import Pool, PoolError, get, step_spec
 from .spec import MPISpec
 
@@ -36,7 +37,7 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
         except Exception as exc:
             relayed.wait_for(None, quiet_after=1.0)
             on = job.cluster if job else clusters.members(pool.alloc.clusters)[0]
-            failed, _ = slurm.node_problems(nodes, on)
+            failed, _ = slurm_query.node_problems(nodes, on)
             if not failed:
                 return watch.result(future, job, pool.handle)  # the program's error, or the job's
             pool.drop(list(failed))

@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import database, interrupt, mpi, slurm
+from . import database, interrupt, mpi, slurm, slurm_query
 from . import server as server_mod
 from .interrupt import EXIT_INTERRUPTED
 from .progress import Progress
 from .server import ServerError
-from .spec import BACKENDS, SpecError, check_fits, resolve_specs
+from .spec import SpecError, check_fits
+from .spec_profile import BACKENDS, resolve_specs
 
 EXIT_FAILED = 1  # a sub-flow failed
 EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         alloc, spec = cli_specs(args)
         home = prepare_environment()
         if args.backend == "slurm":
-            slurm.check_available(alloc.clusters)
+            slurm_query.check_available(alloc.clusters)
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check",
                                               home / "logs")
-            slurm.test_submit(slurm.render_job_script(kwargs))
+            slurm_query.test_submit(slurm.render_job_script(kwargs))
         program, _ = mpi.resolve_program(spec, args.program)
     except Exception as exc:  # bad input, a missing piece, the compiler failed: no traceback wall
         say(f"error: {exc}")
@@ -166,7 +167,8 @@ def _run(args, alloc, spec, program, say) -> int:
 
     from prefect import flow
 
-    from .flows import mpi_subflow, run_subflows
+    from .composition import run_subflows
+    from .flows import mpi_subflow
 
     interrupt.install()  # again: importing dask_jobqueue installed its own
     names = [f"mpi-{i}" for i in range(args.subflows)]
@@ -198,7 +200,7 @@ def _run(args, alloc, spec, program, say) -> int:
         return run
 
     @flow(name="askap-pipeline", validate_parameters=False)
-    def pipeline(n: int, max_concurrent: int) -> list:  # of flows.Outcome
+    def pipeline(n: int, max_concurrent: int) -> list:  # of composition.Outcome
         calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
                                     profile=args.profile, program=program, name=names[i]))
                  for i in range(n)]

@@ -20,7 +20,7 @@ import dask
 import dask_jobqueue  # noqa: F401 -- imported for the side effect above
 from prefect_dask import DaskTaskRunner
 
-from . import board, jobs, ports, shell, slurm
+from . import board, jobs, ports, shell, slurm, slurm_query
 from .host import log_dir as job_log_dir
 from .spec import AllocationSpec
 
@@ -121,7 +121,7 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     host = slurm.scheduler_host(alloc)
     log_dir.mkdir(parents=True, exist_ok=True)
     # SLURM checks the shape once per process: the script with a fixed name and ports
-    slurm.test_submit(slurm.render_job_script(
+    slurm_query.test_submit(slurm.render_job_script(
         slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check", log_dir)))
     with ports.reserve(2, host) as held:
         kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=held.ports[0],

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import compat, database, shell
-from .database import sqlite_url  # noqa: F401 - also re-exported here
+from .database_url import sqlite_url
 from .errors import AskapFlowsError
 
 if TYPE_CHECKING:

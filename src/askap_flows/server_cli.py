@@ -14,18 +14,18 @@ from .spec import whole_number
 
 
 def cmd_db_url(args) -> int:
-    from . import database
+    from . import database_url
 
     if args.host:
         password = (args.password or os.environ.get("ASKAP_PG_PASSWORD")
                     or os.environ.get("PGPASSWORD"))
         if args.password_file:
             password = Path(args.password_file).read_text().strip()
-        url = database.postgres_url(args.host, args.port, args.user, password, args.db)
+        url = database_url.postgres_url(args.host, args.port, args.user, password, args.db)
         source = "built from --host/--port/--user/--db"
     else:
-        url, source = database.configured_url()
-    database.parse_url(url)  # a clear error for a malformed one
+        url, source = database_url.configured_url()
+    database_url.parse_url(url)  # a clear error for a malformed one
     print(f"# {source}", file=sys.stderr)
     if args.export:
         from . import compat
@@ -33,7 +33,7 @@ def cmd_db_url(args) -> int:
         for name in compat.DATABASE_URL_VARS:
             print(f"export {name}={shlex.quote(url)}")
     else:
-        print(url if args.show_password else database.redact(url))
+        print(url if args.show_password else database_url.redact(url))
     return 0
 
 
@@ -55,19 +55,19 @@ def cmd_db_check(args) -> int:
 def server_database_url(args, home: Path) -> str:
     """The server's database URL: --database-url-file, a password-less --database-url, or the
     environment. A password on the command line is refused: every user of the node sees it in ps."""
-    from . import database
+    from . import database_url
 
     if args.database_url_file:
-        return database.url_from_file(args.database_url_file)
+        return database_url.url_from_file(args.database_url_file)
     if args.database_url:
-        if database.parse_url(args.database_url).password:
-            raise database.DatabaseError(
-                f"--database-url {database.redact(args.database_url)} holds a password, which "
+        if database_url.parse_url(args.database_url).password:
+            raise database_url.DatabaseError(
+                f"--database-url {database_url.redact(args.database_url)} holds a password, which "
                 "every user of this node can read in ps. Fix: put the URL in a file only you can "
                 "read (chmod 600 FILE) and give --database-url-file FILE, or export "
                 f"{compat_url_var()}=URL before starting the server.")
         return args.database_url
-    return database.configured_url({**os.environ, "PREFECT_HOME": str(home)})[0]
+    return database_url.configured_url({**os.environ, "PREFECT_HOME": str(home)})[0]
 
 
 def compat_url_var() -> str:

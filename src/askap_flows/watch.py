@@ -12,7 +12,7 @@ import time
 
 import distributed
 
-from . import board, compat, slurm
+from . import board, compat, slurm, slurm_query
 from .jobs import RunHandle
 
 NEVER_SUBMITTED_AFTER = 60.0  # seconds without any job of the run's name: the submission failed
@@ -98,7 +98,7 @@ def result(future, job: board.JobState | None, run: RunHandle):
             pass
         now = b.job(job.job_id, job.cluster) or job
         if (not now.ended or now.state == "COMPLETED") and \
-                not slurm.node_problems(slurm.hostnames(now.nodelist), now.cluster)[0]:
+                not slurm_query.node_problems(slurm_query.hostnames(now.nodelist), now.cluster)[0]:
             raise  # the program itself failed: its own error says why
         lost = job_lost(now, run)
         first = (str(exc).splitlines() or [type(exc).__name__])[0]

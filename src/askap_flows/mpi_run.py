@@ -1,0 +1,96 @@
+"""The MPI step as a Prefect task: ``run_mpi`` runs in the sub-flow's process, hands the step to
+the sub-flow's Dask worker (``launch.mpi_step``), relays its lines to the task's Prefect log and
+lets the job free its nodes as soon as the step has returned.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from . import compat, launch, runners, watch
+from .jobs import RunHandle
+from .spec import MPISpec
+
+
+@task(name="mpi-run")
+def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
+            release_nodes: bool = True) -> dict:
+    """Run the MPI step on this sub-flow's Dask worker (``launch.mpi_step``) and write its output
+    to this task's Prefect log as it comes. The task itself runs in the sub-flow's process: the
+    worker imports no Prefect, which would cost the job's nodes seconds of start-up.
+    ``release_nodes=False`` keeps the worker (a user's flow may run more steps on its job)."""
+    logger = get_run_logger()
+    client = compat.current_dask_client()
+    topic = f"askap-mpi-{uuid.uuid4().hex}"
+    relayed = LineCount()
+    client.subscribe_topic(topic, relayed.relay_to(logger))
+    future = None
+    slurm_run = run.backend == "slurm"
+    try:
+        future = client.submit(launch.mpi_step, spec, program, check_ranks, topic, pure=False)
+        job = watch.watch_job(future, run, logger, runners.shutting_down.is_set) \
+            if slurm_run else None
+        try:
+            data = watch.result(future, job, run)
+        except Exception:
+            relayed.wait_for(None, quiet_after=1.0)  # whatever of the last lines comes
+            raise
+        relayed.wait_for(data["lines"], quiet_after=5.0)
+        return data
+    finally:
+        client.unsubscribe_topic(topic)
+        if release_nodes and slurm_run and future is not None and future.done():
+            _release_nodes(client, future)
+
+
+def _release_nodes(client, future) -> None:
+    """The MPI step was the job's only work: let its worker leave now, so that the job ends and
+    frees its nodes while the sub-flow still records its results (the cluster's close, after
+    the flow run, was the first to do so). Best effort: closing the cluster ends the job anyway."""
+    try:
+        future.release()  # its result is here; Dask retires no worker that holds the only copy
+        deadline = time.monotonic() + 2.0
+        while any(client.has_what().values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.retire_workers(workers=list(client.scheduler_info()["workers"]), close_workers=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class LineCount:
+    """Lines relayed so far, counted from Dask's event thread and read by the task's thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._n = 0
+
+    def relay_to(self, logger) -> Callable[[Any], None]:
+        """A Dask topic handler that writes each relayed line to ``logger`` and counts it."""
+
+        def relay(event) -> None:
+            msg = event[1]
+            (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
+            self.add()
+
+        return relay
+
+    def add(self) -> None:
+        with self._cond:
+            self._n += 1
+            self._cond.notify_all()
+
+    def wait_for(self, expected: int | None, quiet_after: float) -> None:
+        """Let the step's last lines arrive: until ``expected`` were relayed (None: not known) or
+        no line came for ``quiet_after`` s."""
+        with self._cond:
+            while expected is None or self._n < expected:
+                last = self._n
+                self._cond.wait(quiet_after)
+                if self._n == last:
+                    return
