@@ -26,9 +26,10 @@ from typing import Any
 from dask_jobqueue import SLURMCluster
 from prefect_dask import DaskTaskRunner
 
-from . import board, cluster_yaml, host, jobs, ports, runners, slurm
+from . import board, cluster_yaml, host, jobs, ports, runners, slurm, slurm_query
 from .runner_watch import LostJobWatch
-from .spec import AllocationSpec, SpecError, load_profile, profile_sections
+from .spec import AllocationSpec, SpecError
+from .spec_profile import load_profile, profile_sections
 
 log = logging.getLogger("askap_flows")
 ADAPT = "adapt_kwargs"
@@ -117,7 +118,7 @@ class RunCluster(SLURMCluster):
     """One flow run's SLURMCluster: its own job name and ports, its jobs tracked and cancelled."""
 
     def __init__(self, plan: Plan, **kwargs: Any) -> None:
-        slurm.check_available()
+        slurm_query.check_available()
         self.askap_plan = plan
         self.askap_token = uuid.uuid4().hex[:10]
         self.askap_job_name = f"{plan.prefix}-{self.askap_token}"
@@ -126,7 +127,7 @@ class RunCluster(SLURMCluster):
         address = plan.scheduler_host()
         runners.import_dashboard()
         # SLURM checks the shape once per process: the script with a fixed name and ports
-        slurm.test_submit(slurm.render_job_script(plan.cluster_kwargs(
+        slurm_query.test_submit(slurm.render_job_script(plan.cluster_kwargs(
             f"{plan.prefix}-check", self.askap_log_dir, address, 0, 0)))
         self._askap_ports = ports.reserve(2, address or "0.0.0.0")
         self._askap_done = False

@@ -19,10 +19,6 @@ from typing import Any
 from . import clusters as clusters_
 from . import host
 from .slurm_query import SlurmError, hostnames, node_problems
-
-# flow_runner.py calls these two as slurm.X: drop them here once it calls slurm_query.X
-from .slurm_query import check_available as check_available
-from .slurm_query import test_submit as test_submit
 from .spec import AllocationSpec
 
 #: environment variables a job must carry so that its Dask worker finds the Prefect API and SLURM

@@ -13,7 +13,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import values
@@ -235,16 +234,3 @@ def check_fits(mpi: MPISpec, allocation: AllocationSpec) -> None:
             f"cpus_per_task={allocation.cpus_per_task}. Raise the allocation's cpus_per_task."
         )
 
-
-# flow_runner.py imports these two from here; they are spec_profile's (drop them once it imports
-# them from there)
-def load_profile(profile: str | os.PathLike | None) -> tuple[Path | None, Any]:
-    from . import spec_profile
-
-    return spec_profile.load_profile(profile)
-
-
-def profile_sections(data: Any, path: Path | str) -> dict[str, dict[str, Any]]:
-    from . import spec_profile
-
-    return spec_profile.profile_sections(data, path)
