@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import clusters, shell
 from .jobstate import ACTIVE_STATES, GONE, JobState, parse_jobs, query_command  # noqa: F401
@@ -31,6 +31,25 @@ POLL_ENV, GRACE_ENV = "ASKAP_FLOWS_SLURM_POLL", "ASKAP_FLOWS_SLURM_GRACE"
 DEFAULT_POLL, DEFAULT_GRACE = (1.0, 2.0), 60.0
 
 log = logging.getLogger("askap_flows")
+
+#: what SLURM's commands say when the controller does not answer (worth another try)
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out on send/recv",
+               "Zero Bytes were transmitted or received")
+
+
+def unreachable(said: str) -> bool:
+    """Whether a SLURM command's error says that the controller did not answer."""
+    return any(t in said for t in UNREACHABLE)
+
+
+def retry_pauses(grace: float, first: float = 1.0, most: float = 10.0) -> Iterator[float]:
+    """The pauses between tries of a SLURM command while the controller does not answer:
+    doubling from ``first`` up to ``most``, until ``grace`` seconds after the first call."""
+    deadline = time.monotonic() + grace
+    pause = first
+    while time.monotonic() < deadline:
+        yield pause
+        pause = min(2 * pause, most)
 
 
 class ControllerUnreachable(SlurmError):

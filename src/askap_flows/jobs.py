@@ -21,9 +21,6 @@ from distributed.deploy.spec import ProcessInterface
 
 from . import board, clusters, shell
 
-#: what SLURM's commands say when the controller does not answer (worth another try)
-UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out on send/recv",
-               "Zero Bytes were transmitted or received")
 log = logging.getLogger("askap_flows")
 
 #: seconds a closing cluster waits for its retired worker to end its job before cancelling it
@@ -76,20 +73,19 @@ class BoardJob(SLURMJob):
         """Submit; while the controller cannot be reached (a restart, a busy controller) try
         again with backoff for the board's grace period instead of failing the sub-flow."""
         b = board.board()
-        deadline = time.monotonic() + b.grace
-        pause = 1.0
+        pauses = board.retry_pauses(b.grace)
         while True:
             try:
                 await super().start()
                 b.submitted(self.job_name, str(self.job_id), self.cluster)
                 return
             except Exception as exc:  # noqa: BLE001 - only an unreachable controller is retried
-                if not any(t in str(exc) for t in UNREACHABLE) or time.monotonic() > deadline:
+                pause = next(pauses, None) if board.unreachable(str(exc)) else None
+                if pause is None:
                     raise
                 log.warning("sbatch could not reach the SLURM controller; trying again in %g s "
                             "(for up to %g s)", pause, b.grace)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 10.0)
 
     async def close(self):
         try:
@@ -160,21 +156,22 @@ def cancel_named(name: str, wait: float = 30.0, clusters_: str | None = None) ->
     b = board.board()
     clusters_ = clusters_ or b.clusters_of(name)
     b.track(name, clusters_)
-    deadline = time.monotonic() + (b.grace if wait > 0 else 0)
+    grace = b.grace if wait > 0 else 0.0
     try:
         live, complete = b.live_ids(name)
         if complete and not live:
             return [j.job_id for j in b.jobs(name)]  # every job of this name has ended
         for argv in cancel_commands(name, clusters_, live, complete):
+            pauses = board.retry_pauses(grace, first=2.0, most=2.0)
             while True:
                 try:
                     res = shell.run(argv, check=False, timeout=30)
                 except shell.CommandError:  # scancel missing or hanging: nothing more to do
                     return [j.job_id for j in b.jobs(name)]
-                said = res.stderr or ""
-                if not any(t in said for t in UNREACHABLE) or time.monotonic() > deadline:
+                pause = next(pauses, None) if board.unreachable(res.stderr or "") else None
+                if pause is None:
                     break
-                time.sleep(2.0)  # the controller is restarting: the cancel must still happen
+                time.sleep(pause)  # the controller is restarting: the cancel must still happen
         if wait > 0:
             try:
                 b.wait(lambda: all(j.ended for j in b.jobs(name))

@@ -18,7 +18,6 @@ from . import board, mpi, shell
 from .slurm_query import SLURM_INSTALL_HINT
 from .spec import MPISpec
 
-CONTROLLER_DOWN = "Unable to contact slurm controller"
 BEFORE_LAUNCH = ("srun: error: Unable to confirm allocation", "srun: error: Unable to create step")
 
 
@@ -46,8 +45,7 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
         if line.startswith("srun: error: ") or mpi.OMPI_WITHOUT_PMIX in line:
             srun_errors.append(line)
 
-    give_up = time.monotonic() + board.poll_settings()[2]  # the controller's grace period
-    delay = 1.0
+    pauses = board.retry_pauses(board.poll_settings()[2])  # the board's grace period
     while True:
         srun_errors.clear()
         try:
@@ -55,11 +53,11 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
                             env=mpi.program_env(spec))
             break
         except shell.CommandError as exc:
-            if controller_refused_the_step(srun_errors) and time.monotonic() + delay < give_up:
+            pause = next(pauses, None) if controller_refused_the_step(srun_errors) else None
+            if pause is not None:
                 send("warning", f"srun could not reach the SLURM controller to start the step "
-                                f"(no rank started); trying again in {delay:.0f} s")
-                time.sleep(delay)
-                delay = min(2 * delay, 8.0)
+                                f"(no rank started); trying again in {pause:g} s")
+                time.sleep(pause)
                 continue
             hint = mpi.first_failure(srun_errors, spec.mpi_plugin)
             if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:
@@ -91,7 +89,7 @@ def controller_refused_the_step(srun_errors: list[str]) -> bool:
     """srun could not reach slurmctld to confirm the allocation or create the step: no rank was
     started, so the step may be launched again once the controller answers (a restart, an
     outage: board.py's grace period)."""
-    return any(CONTROLLER_DOWN in e and e.startswith(BEFORE_LAUNCH) for e in srun_errors)
+    return any(e.startswith(BEFORE_LAUNCH) and board.unreachable(e) for e in srun_errors)
 
 
 def _sender(topic: str | None):
