@@ -56,10 +56,28 @@ MAX_CONCURRENT_SUBFLOWS = 80 if PREFECT_MAJOR < 3 else None
 QUIET_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def server_command(host: str, port: int) -> list[str]:
-    """``prefect server start`` with this interpreter (2.20 has no ``python -m prefect``)."""
-    return [sys.executable, "-c", "from prefect.cli import app; app()", "server", "start",
-            "--host", host, "--port", str(port)]
+#: ``prefect server start --workers N``: the API in N processes, its services in another
+#: (``prefect server services start``). Prefect 2.20's server is one process (no --workers).
+SERVER_WORKERS = PREFECT_MAJOR >= 3
+#: the server's "migrate the database when it starts" (False: migrated once, before N workers)
+MIGRATE_ON_START_VAR = (
+    "PREFECT_API_DATABASE_MIGRATE_ON_START" if PREFECT_MAJOR < 3
+    else "PREFECT_SERVER_DATABASE_MIGRATE_ON_START"
+)
+
+
+def prefect_command(*args: str) -> list[str]:
+    """The ``prefect`` CLI with this interpreter (2.20 has no ``python -m prefect``)."""
+    return [sys.executable, "-c", "from prefect.cli import app; app()", *args]
+
+
+def server_command(host: str, port: int, workers: int = 1) -> list[str]:
+    """``prefect server start``; with ``workers`` > 1 (Prefect 3) its API alone, in that many
+    processes."""
+    argv = prefect_command("server", "start", "--host", host, "--port", str(port))
+    if workers > 1:
+        argv += ["--workers", str(workers), "--no-services"]
+    return argv
 
 
 def server_settings(database_url: str) -> dict[str, str]:

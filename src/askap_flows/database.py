@@ -53,7 +53,7 @@ class PoolSettings:
 DEFAULT_POOL = PoolSettings(**compat.DEFAULT_POOL)
 
 
-def size_pool(max_concurrent: int, max_connections: int = 100) -> PoolSettings:
+def size_pool(max_concurrent: int, max_connections: int = 100, workers: int = 1) -> PoolSettings:
     """Pool settings for a server that serves ``max_concurrent`` concurrent sub-flows.
 
     Every running sub-flow keeps about one API request in flight that needs a connection (state
@@ -63,10 +63,17 @@ def size_pool(max_concurrent: int, max_connections: int = 100) -> PoolSettings:
     scripts/postgres_database.sh sets 300), keeping room for psql and a second engine. A busy
     server waits up to 60 s for a free connection (Prefect's default: 30 s, after which the request
     fails with "QueuePool limit ... reached") and 10 s to open one (default 5 s).
+
+    With ``workers`` > 1 API processes every process has a pool of its own: each serves its share
+    of the sub-flows (``ceil(max_concurrent / workers)``), and the budget is split between them
+    and the services process (``workers + 1`` pools).
     """
     whole_number("max_concurrent", max_concurrent)
-    budget = max(15, int(max_connections * 0.6))  # leave room for other clients
-    pool_size = min(5 + max_concurrent, POOL_SIZE_CAP, budget // 2)
+    whole_number("workers", workers)
+    pools = 1 if workers == 1 else workers + 1
+    budget = max(15, int(max_connections * 0.6) // pools)  # leave room for other clients
+    share = -(-max_concurrent // workers)
+    pool_size = min(5 + share, POOL_SIZE_CAP, budget // 2)
     max_overflow = max(10, min(pool_size, budget - pool_size))
     return PoolSettings(pool_size=max(pool_size, 5), max_overflow=max_overflow,
                         pool_timeout=60.0, connect_timeout=10.0)
@@ -135,6 +142,7 @@ class Plan:
     url: str | None
     server_env: dict[str, str]
     pool: PoolSettings | None = None
+    workers: int = 1
 
     def describe(self) -> str:
         if self.url is None:
@@ -143,8 +151,10 @@ class Plan:
         if db.is_sqlite:
             return f"sqlite {db.database}"
         pool = self.pool
-        return (f"PostgreSQL {db.where}, server pool {pool.pool_size}+{pool.max_overflow}"
-                if pool else f"PostgreSQL {db.where}")
+        if pool is None:
+            return f"PostgreSQL {db.where}"
+        per = "" if self.workers == 1 else f" in each of {self.workers + 1} processes"
+        return f"PostgreSQL {db.where}, server pool {pool.pool_size}+{pool.max_overflow}{per}"
 
 
 def _stderr(msg: str) -> None:
@@ -154,12 +164,13 @@ def _stderr(msg: str) -> None:
 def preflight(max_concurrent: int, *, database_url: str | None = None,
               api_url: str | None = None, env: Mapping[str, str] | None = None,
               timeout: float = 5.0, say: Callable[[str], None] = _stderr,
-              max_connections: int = 100) -> Plan:
+              max_connections: int = 100, workers: int = 1) -> Plan:
     """Everything about the database that can be checked before a pipeline starts.
 
     With ``api_url`` (an existing server): that server and its database must answer. Otherwise
     the database a new server would use (``database_url``, else the configured one) must be
     reachable, sqlite is refused above the limit, and the pool is sized for ``max_concurrent``.
+    ``workers``: the server's API processes (pools sized per process, :func:`size_pool`).
     Raises DatabaseError with the cause and the fix.
     """
     env = os.environ if env is None else env
@@ -175,8 +186,8 @@ def preflight(max_concurrent: int, *, database_url: str | None = None,
     check_reachable(db, timeout=timeout)
     if db.is_sqlite:
         return Plan(url=url, server_env={})
-    pool = size_pool(max_concurrent, max_connections)  # the database's max_connections
-    return Plan(url=url, server_env=pool.env(), pool=pool)
+    pool = size_pool(max_concurrent, max_connections, workers)  # the database's max_connections
+    return Plan(url=url, server_env=pool.env(), pool=pool, workers=workers)
 
 
 # --------------------------------------------------------------------------- addresses

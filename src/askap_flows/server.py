@@ -32,6 +32,8 @@ from .errors import AskapFlowsError
 if TYPE_CHECKING:
     import subprocess  # the type only: shell.py runs every command
 
+    from .server_workers import WorkerSupport
+
 
 class ServerError(AskapFlowsError, RuntimeError):
     """The Prefect server did not start or does not answer."""
@@ -56,9 +58,11 @@ class PrefectServer:
 
     def __init__(self, prefect_home: Path, database_url: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None,
-                 start_timeout: float = 90.0, settings: Mapping[str, str] | None = None) -> None:
+                 start_timeout: float = 90.0, settings: Mapping[str, str] | None = None,
+                 workers: int = 1) -> None:
         """``settings``: extra environment of the server process, e.g. the pool settings of
-        ``database.preflight(...).server_env``."""
+        ``database.preflight(...).server_env``. ``workers`` > 1: the API in that many processes,
+        next to Redis and a services process (:mod:`.server_workers`; Prefect 3, PostgreSQL)."""
         self.home = Path(prefect_home)
         self.database_url = database_url or sqlite_url(self.home)
         self.settings = dict(settings or {})
@@ -68,6 +72,8 @@ class PrefectServer:
         self.log_path = Path(log_path or self.home / "server.log")
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None  # the server process while it runs
+        self.workers = workers
+        self.support: WorkerSupport | None = None  # with workers > 1
 
     @property
     def api_url(self) -> str:
@@ -83,31 +89,44 @@ class PrefectServer:
         with start_lock(self.home):  # one server at a time migrates this home's database
             return self._start()
 
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env.update(compat.server_settings(self.database_url))
+        env.update(self.settings)
+        env["PREFECT_HOME"] = str(self.home)
+        # The UI's own API address. Prefect 3 builds it from its *configured* port (4200), not
+        # the --port given here, so its UI at any other port showed "Can't connect to Server
+        # API at http://127.0.0.1:4200/api". The relative "/api" (Prefect 2's default) also
+        # works through an SSH tunnel, where the browser's host is not the server's.
+        if not (env.get("PREFECT_UI_API_URL") or env.get("PREFECT_SERVER_UI_API_URL")):
+            env["PREFECT_UI_API_URL"] = "/api"
+        return env
+
     def _start(self) -> PrefectServer:
+        from . import server_workers  # it builds on this module
+
         for attempt in range(3):
             fixed = self.port if self._fixed_port else None
             port = fixed if fixed is not None else free_port(self.host)
-            env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-            env.update(compat.server_settings(self.database_url))
-            env.update(self.settings)
-            env["PREFECT_HOME"] = str(self.home)
-            # The UI's own API address. Prefect 3 builds it from its *configured* port (4200), not
-            # the --port given here, so its UI at any other port showed "Can't connect to Server
-            # API at http://127.0.0.1:4200/api". The relative "/api" (Prefect 2's default) also
-            # works through an SSH tunnel, where the browser's host is not the server's.
-            if not (env.get("PREFECT_UI_API_URL") or env.get("PREFECT_SERVER_UI_API_URL")):
-                env["PREFECT_UI_API_URL"] = "/api"
-            argv = compat.server_command(self.host, port)
+            env = self._env()
+            if server_workers.check(self.workers, self.database_url) > 1:
+                self.support = server_workers.WorkerSupport(self.home, self.host,
+                                                            self.start_timeout)
+                env.update(self.support.prepare(env))
+            argv = compat.server_command(self.host, port, self.workers)
             self.proc = shell.start_background(argv, self.log_path, env)
             self.port = port
             deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline:
-                if healthy(self.api_url):
+                if healthy(self.api_url) and self.exited() is None:
                     return self
-                if self.proc.poll() is not None:
+                if self.exited() is not None:
                     break
                 time.sleep(0.3)
+            gone = self.support.exited() if self.support else None
             self.stop()
+            if gone:
+                raise ServerError(f"the Prefect server did not start: {gone}")
             in_use = "address already in use" in self._log_tail().lower()
             if not self._fixed_port and attempt < 2 and in_use:
                 continue
@@ -123,10 +142,26 @@ class PrefectServer:
         except OSError:
             return "(no log)"
 
+    def exited(self) -> str | None:
+        """What of the server's processes stopped on its own, or None while all of them run."""
+        if self.proc is None or self.proc.poll() is not None:
+            code = self.proc.returncode if self.proc else "?"
+            return (f"the Prefect server exited (code {code}). Last lines of {self.log_path}:\n"
+                    f"{self._log_tail()}")
+        return self.support.exited() if self.support else None
+
+    def describe(self) -> str:
+        """How the server runs, for its status line."""
+        if self.support is None:
+            return "one server process (API and services)"
+        return f"{self.workers} API worker processes, {self.support.describe()}"
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             shell.kill_group(self.proc, grace=10)
         self.proc = None
+        if self.support is not None:  # the services, then Redis: after the API that uses them
+            self.support.stop()
 
     def __enter__(self) -> PrefectServer:
         return self.start()

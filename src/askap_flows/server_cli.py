@@ -81,7 +81,7 @@ def cmd_server(args) -> int:
     import socket
     import time
 
-    from . import compat, database
+    from . import compat, database, server_workers
     from .server import PrefectServer, ServerError
 
     home = Path(args.home or os.environ.get("PREFECT_HOME")
@@ -89,7 +89,8 @@ def cmd_server(args) -> int:
     try:
         host = database.interface_address(args.interface) if args.interface else args.host
         url = server_database_url(args, home)
-        plan = database.preflight(args.max_concurrent, database_url=url,
+        workers = server_workers.check(args.workers, url)  # before anything starts
+        plan = database.preflight(args.max_concurrent, database_url=url, workers=workers,
                                   max_connections=whole_number("--max-connections",
                                                                args.max_connections))
         with socket.socket() as probe:
@@ -100,9 +101,9 @@ def cmd_server(args) -> int:
                                   "choose another --port (0: any free one), or stop what holds "
                                   "it.") from None
         server = PrefectServer(home, plan.url, host=host, port=args.port or None,
-                               settings=plan.server_env).start()
+                               settings=plan.server_env, workers=workers).start()
         if args.url_file:
-            write_url_file(Path(args.url_file), server.api_url)
+            write_url_file(Path(args.url_file), server.api_url, workers)
     except (database.DatabaseError, ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -111,7 +112,8 @@ def cmd_server(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"Prefect server on {plan.describe()}; log: {server.log_path}", file=sys.stderr)
+    print(f"Prefect server on {plan.describe()}; {server.describe()}; log: {server.log_path}",
+          file=sys.stderr)
     if host.startswith("127.") or host == "localhost":
         print(f"note: {host} is reachable from this node only; for compute nodes use --interface "
               "IF or --host ADDRESS (docs/database.md)", file=sys.stderr)
@@ -119,36 +121,39 @@ def cmd_server(args) -> int:
     print(f"export PREFECT_API_URL={server.api_url}", flush=True)
     print("Ctrl-C stops the server.", file=sys.stderr, flush=True)
     try:
-        while server.proc is not None and server.proc.poll() is None:
+        while (gone := server.exited()) is None:
             time.sleep(1)
     except KeyboardInterrupt:
         if args.url_file:  # first: a batch job's SIGKILL may follow its SIGTERM within seconds
-            remove_url_file(Path(args.url_file), server.api_url)
+            remove_url_file(Path(args.url_file), server.api_url, workers)
         server.stop()
         print("server stopped", file=sys.stderr)
         return 0
     finally:
         if args.url_file:
-            remove_url_file(Path(args.url_file), server.api_url)
-    code = server.proc.returncode if server.proc else "?"
-    print(f"error: the Prefect server exited (code {code})."
-          f" Last lines of {server.log_path}:\n{server._log_tail()}", file=sys.stderr)
+            remove_url_file(Path(args.url_file), server.api_url, workers)
+    server.stop()  # the rest of its processes: one of them alone serves no pipeline
+    print(f"error: {gone}", file=sys.stderr)
     return 1
 
 
-def url_file_text(api_url: str) -> str:
-    """What ``--url-file`` holds: one line for ``source`` (pure)."""
-    return f"export PREFECT_API_URL={shlex.quote(api_url)}\n"
+def url_file_text(api_url: str, workers: int = 1) -> str:
+    """What ``--url-file`` holds: a line for ``source`` (pure); with ``workers`` > 1 a comment
+    line after it says how the server runs."""
+    text = f"export PREFECT_API_URL={shlex.quote(api_url)}\n"
+    if workers > 1:
+        text += f"# askap-flows server: {workers} API worker processes, services, Redis\n"
+    return text
 
 
-def write_url_file(path: Path, api_url: str) -> None:
+def write_url_file(path: Path, api_url: str, workers: int = 1) -> None:
     """Write the URL file at once (a reader never sees half of it), once the server answers."""
     from .server import ServerError
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(url_file_text(api_url))
+        tmp.write_text(url_file_text(api_url, workers))
         os.replace(tmp, path)
     except OSError as exc:
         raise ServerError(f"cannot write --url-file {path} ({exc.strerror}). Fix: give a path in "
@@ -156,10 +161,10 @@ def write_url_file(path: Path, api_url: str) -> None:
                           "sees.") from None
 
 
-def remove_url_file(path: Path, api_url: str) -> None:
+def remove_url_file(path: Path, api_url: str, workers: int = 1) -> None:
     """The server stopped: its URL file goes (only if it is still this server's)."""
     try:
-        if path.read_text() == url_file_text(api_url):
+        if path.read_text() == url_file_text(api_url, workers):
             path.unlink()
     except OSError:
         pass
@@ -208,6 +213,10 @@ def add_database_commands(sub) -> None:
     s.add_argument("--max-connections", type=int, default=100, metavar="N",
                    help="the database's max_connections, for pool sizing (default: 100, "
                         "PostgreSQL's; scripts/postgres_database.sh sets --max-connections)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="API worker processes (default: 1). N > 1 (Prefect 3, PostgreSQL): the "
+                        "API in N processes, its services in another, and a private Redis "
+                        "between them (redis-server, prefect-redis)")
     s.add_argument("--url-file", metavar="FILE",
                    help="once the server answers, write 'export PREFECT_API_URL=URL' to FILE "
                         "(a pipeline job waits for it and sources it); removed when it stops")
