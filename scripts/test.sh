@@ -28,7 +28,7 @@ die() { log "ERROR: $*"; exit 2; }
 # Open MPI + PMIx next to MPICH; slurm_testbed.sh up (step 3) points Debian's `mpicc`
 # alternative at MPICH; mpi4py (step 2) is built with `mpicc.mpich` whatever it points at
 PKGS=(slurm-wlm munge mpich libmpich-dev openmpi-bin libopenmpi-dev libpmix-dev postgresql
-      shellcheck gcc libc6-dev iproute2 chromium)
+      redis-server shellcheck gcc libc6-dev iproute2 chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -62,7 +62,8 @@ setup_venv() {  # setup_venv MAJOR -> venv with the pinned set and the project (
   local want; want=$(cat "$cons" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing the pinned Prefect $major set into $venv"
-    "${pip[@]}" -e "${ROOT}[test]" > "$OUT/pip-prefect$major.log" 2>&1 \
+    local extras="test"; if [ "$major" != 2 ]; then extras="test,server"; fi  # prefect-redis: 3 only
+    "${pip[@]}" -e "${ROOT}[$extras]" > "$OUT/pip-prefect$major.log" 2>&1 \
       || { tail -20 "$OUT/pip-prefect$major.log"; die "pip install failed (log: $OUT/pip-prefect$major.log)"; }
     echo "$want" > "$stamp"
   fi
