@@ -283,3 +283,19 @@ def test_a_dead_services_process_stops_the_server(postgres, tmp_path):
     assert "error: the Prefect services exited (code -9)" in err
     assert alive(everything) == []
     assert not found.exists()
+
+
+@pytest.mark.postgres
+@needs_workers
+def test_sigkill_of_the_server_command_leaves_nothing(postgres, tmp_path):
+    """A batch job's SIGKILL after KillWait: Redis, the services and the API (which stops its
+    workers) get SIGTERM from the kernel when the command dies (shell.start_background)."""
+    proc, _ = start_server(postgres, tmp_path, f"wkill{compat.PREFECT_MAJOR}", "--workers", "2")
+    try:
+        assert proc.stdout.readline().startswith("Prefect UI:"), proc.stderr.read()
+        everything = [p for ps in tree(proc.pid).values() for p in ps]
+        assert len(everything) == 5
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    wait_for(lambda: not alive(everything), 60, f"left running: {alive(everything)}")

@@ -114,7 +114,8 @@ class PrefectServer:
                                                             self.start_timeout)
                 env.update(self.support.prepare(env))
             argv = compat.server_command(self.host, port, self.workers)
-            self.proc = shell.start_background(argv, self.log_path, env)
+            self.proc = (self.support.start(argv, self.log_path, env) if self.support
+                         else shell.start_background(argv, self.log_path, env))
             self.port = port
             deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline:

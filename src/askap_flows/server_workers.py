@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import compat, shell
 from .database_url import parse_url
+from .reaper import Reaper
 from .server import ServerError, free_port, healthy
 from .spec import whole_number
 
@@ -128,10 +129,20 @@ class WorkerSupport:
         self.redis: subprocess.Popen | None = None
         self.services: subprocess.Popen | None = None
         self.services_log = self.home / "services.log"
+        self.reaper: Reaper | None = None
 
     @property
     def redis_log(self) -> Path:
         return self.redis_dir / "redis.log"
+
+    def start(self, argv: list[str], log: Path, env: Mapping[str, str]) -> subprocess.Popen:
+        """One of the server's processes, stopped by the reaper after the ones started later if
+        this process dies first."""
+        if self.reaper is None:
+            self.reaper = Reaper(self.home / "reaper.log")
+        proc = shell.start_background(argv, log, env, die_with_parent=False)
+        self.reaper.watch(proc)
+        return proc
 
     def prepare(self, env: Mapping[str, str]) -> dict[str, str]:
         password = secrets.token_hex(24)
@@ -141,9 +152,8 @@ class WorkerSupport:
         self._first_start({**env, **settings})
         settings[compat.MIGRATE_ON_START_VAR] = "false"  # migrated by the first start
         full = {**env, **settings}
-        self.services = shell.start_background(compat.prefect_command("server", "services",
-                                                                      "start"),
-                                               self.services_log, full)
+        self.services = self.start(compat.prefect_command("server", "services", "start"),
+                                   self.services_log, full)
         return settings
 
     def _start_redis(self, password: str) -> None:
@@ -157,7 +167,7 @@ class WorkerSupport:
             f"bind {self.host}", f"port {self.redis_port}", f"dir {self.redis_dir}",
             'save ""', "appendonly no", "daemonize no", f"requirepass {password}",
             'logfile ""', ""]))
-        self.redis = shell.start_background([redis_binary(), str(conf)], self.redis_log)
+        self.redis = self.start([redis_binary(), str(conf)], self.redis_log, os.environ)
         deadline = time.monotonic() + 30
         while not redis_ping(self.host, self.redis_port, password):
             if self.redis.poll() is not None or time.monotonic() > deadline:
@@ -171,7 +181,7 @@ class WorkerSupport:
         log = self.home / "first-start.log"
         port = free_port(self.host)
         argv = compat.server_command(self.host, port) + ["--no-services"]
-        proc = shell.start_background(argv, log, env)
+        proc = self.start(argv, log, env)
         deadline = time.monotonic() + self.start_timeout
         try:
             while not healthy(f"http://{self.host}:{port}/api"):
@@ -203,6 +213,9 @@ class WorkerSupport:
             if proc is not None and proc.poll() is None:
                 shell.kill_group(proc, grace=10)
             setattr(self, attr, None)
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None
 
 
 def tail(path: Path, n: int = 15) -> str:

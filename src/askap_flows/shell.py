@@ -177,15 +177,18 @@ def _die_with_parent() -> None:
 
 
 def start_background(argv: Sequence[str], log_path: str | os.PathLike,
-                     env: Mapping[str, str] | None = None) -> subprocess.Popen:
+                     env: Mapping[str, str] | None = None, *, die_with_parent: bool = True,
+                     stdin_pipe: bool = False) -> subprocess.Popen:
     """Start a long-running service (a Prefect server) in a session of its own, its output
     appended to ``log_path``. The caller stops it with ``kill_group(proc, grace)``; if the
     calling thread dies first (even by SIGKILL) the service gets SIGTERM. Call it from a thread
-    that lives as long as the service should (the main thread)."""
+    that lives as long as the service should (the main thread). ``die_with_parent=False``: no
+    such SIGTERM (a :mod:`.reaper` stops it instead); ``stdin_pipe``: its stdin is a pipe."""
     with open(log_path, "ab") as log:
         return subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=None if env is None else dict(env),
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                                env=None if env is None else dict(env), start_new_session=True,
+                                preexec_fn=_die_with_parent if die_with_parent else None)
 
 
 def _left_the_group(pid: int) -> list:
