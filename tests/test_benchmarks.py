@@ -173,3 +173,15 @@ def test_readme_tables_are_the_committed_json():
     assert len(tables) > 20
     missing = [line for line in tables if line not in readme]
     assert not missing, f"README rows not in the JSON's report (run benchmarks/report.py): {missing}"
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(__import__("askap_flows.compat").compat.PREFECT_MAJOR < 3,
+                    reason="Prefect 2.20's server has no worker processes")
+def test_server_workers_quick(tmp_path):
+    data = _run("server_workers", tmp_path)
+    assert data["quick"] and [r["workers"] for r in data["results"]] == [1, 2]
+    for r in data["results"]:
+        assert r["requests"] == 4 * 2 * 4 and r["failures"] == 0  # 4 threads x 2 runs x 4 calls
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["max_ms"]
+    assert "in each of 3 processes" in data["results"][1]["pool"]
