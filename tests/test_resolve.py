@@ -107,8 +107,10 @@ def test_the_jobqueue_form_is_only_for_the_task_runner():
     r = resolve(MPI_YAML, any_form=True, step=False, say=lambda _: None)
     assert r.allocation is None and r.jobqueue is not None and r.prefix == "example-mpi"
     assert "is the prefix of the job names" in r.notes[0]
-    with pytest.raises(SpecError, match="dask-jobqueue's form: --nodes"):
+    with pytest.raises(SpecError, match="dask-jobqueue's form: --nodes.*job_extra_directives"):
         resolve(MPI_YAML, any_form=True, nodes=2)
+    with pytest.raises(SpecError, match="form: it builds SLURM jobs, not the local backend's"):
+        resolve(MPI_YAML, any_form=True, backend="local")
     with pytest.raises(SpecError, match="mixes the dask-jobqueue form"):
         resolve({"cluster_kwargs": {}, "allocation": {}}, any_form=True)
 

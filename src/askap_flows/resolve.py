@@ -186,10 +186,14 @@ def _jobqueue(data, where, backend, allocation, mpi, adapt_kwargs, nodes, ntasks
                         "Use one form per file.")
     if not any_form:
         raise SpecError(f"profile {where}: {JOBQUEUE_ONLY_FOR_RUNNER}")
-    if nodes is not None or ntasks is not None or backend != "slurm":
-        raise SpecError(f"profile {where} is in dask-jobqueue's form: --nodes, --ntasks (nodes, "
-                        "ntasks) and the local backend apply to this library's form only. Set "
-                        "the job's nodes in its cluster_kwargs.job_extra_directives (--nodes=N).")
+    wrong = []
+    if nodes is not None or ntasks is not None:
+        wrong.append("--nodes/--ntasks (nodes, ntasks) apply to this library's form only: set the "
+                     "job's nodes in its cluster_kwargs.job_extra_directives (--nodes=N)")
+    if backend != "slurm":
+        wrong.append(f"it builds SLURM jobs, not the {backend} backend's: use the slurm backend")
+    if wrong:
+        raise SpecError(f"profile {where} is in dask-jobqueue's form: {'; '.join(wrong)}.")
     if isinstance(allocation, AllocationSpec):
         raise SpecError(f"profile {where} is in dask-jobqueue's form: give cluster_kwargs over "
                         "it as a mapping, not an AllocationSpec.")
