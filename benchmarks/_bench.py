@@ -145,10 +145,11 @@ def slurm_setup(work_prefix: str, mpi_spec: dict, alloc_spec: dict):
     work = work_dir(work_prefix)
     bench_environment(work)
     from askap_flows import mpi, slurm_query
-    from askap_flows.spec_profile import resolve_specs
+    from askap_flows.resolve import resolve
 
     slurm_query.check_available()
-    alloc, spec = resolve_specs(mpi_spec, alloc_spec, "testbed", "slurm")
+    resolved = resolve("testbed", backend="slurm", allocation=alloc_spec, mpi=mpi_spec)
+    alloc, spec = resolved.allocation_spec(), resolved.mpi_spec()
     return work, alloc, spec, str(mpi.build_hello())
 
 

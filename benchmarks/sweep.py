@@ -154,10 +154,10 @@ def child_seed(n: int, backend: str) -> list[str | None]:
         dashboard = f"127.0.0.1:{SEED_PORT_BASE + count}"  # the seed's f':{32120+count}', loopback
         if backend == "slurm":
             from askap_flows import mpi, slurm
-            from askap_flows.spec_profile import resolve_allocation
+            from askap_flows.resolve import resolve
 
-            alloc = resolve_allocation({"nodes": 1, "ntasks_per_node": 1,
-                                        "job_name_prefix": PREFIX}, "testbed", "slurm")
+            alloc = resolve("testbed", step=False, allocation={
+                "nodes": 1, "ntasks_per_node": 1, "job_name_prefix": PREFIX}).allocation_spec()
             kwargs = slurm.cluster_kwargs(alloc, job_name=f"{PREFIX}-seed-{count}",
                                           log_directory=str(mpi.askap_home() / "logs"),
                                           env=slurm.job_env(), dashboard_address=dashboard)

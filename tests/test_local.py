@@ -91,11 +91,11 @@ def test_in_process_workers_run_without_the_profiler_and_wait_longer_to_connect(
     """CPython 3.11.7 deadlocks in sys._current_frames() with dozens of in-process profilers."""
     import dask
 
+    from askap_flows.resolve import resolve
     from askap_flows.runners import local_runner
-    from askap_flows.spec_profile import resolve_allocation
 
     with dask.config.set({"distributed.worker.profile.enabled": True}):
-        local_runner(resolve_allocation(None, None, "local"))
+        local_runner(resolve(None, backend="local", step=False).allocation_spec())
         assert dask.config.get("distributed.worker.profile.enabled") is False
         assert dask.config.get("distributed.comm.timeouts.connect") == "120s"
 

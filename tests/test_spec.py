@@ -1,8 +1,9 @@
 import pytest
 
 from askap_flows.mpi import launch_command
+from askap_flows.resolve import resolve
 from askap_flows.spec import AllocationSpec, MPISpec, SpecError, check_fits, walltime_seconds
-from askap_flows.spec_profile import build_specs, packaged_profiles, read_profile, resolve_specs
+from askap_flows.spec_profile import build_specs, packaged_profiles, read_profile
 
 pytestmark = pytest.mark.unit
 
@@ -108,12 +109,11 @@ def test_missing_profile_path_and_unknown_name():
 def test_slurm_backend_without_profile_says_what_to_pass(monkeypatch):
     monkeypatch.delenv("ASKAP_FLOWS_PROFILE", raising=False)
     with pytest.raises(SpecError, match="the slurm backend needs a profile"):
-        resolve_specs(None, None, None, "slurm")
+        resolve(None, backend="slurm")
 
 
 def test_local_backend_uses_mpiexec():
-    _, spec = resolve_specs({"launcher": "srun"}, None, None, "local")
-    assert spec.launcher == "mpiexec"
+    assert resolve(None, backend="local", mpi={"launcher": "srun"}).mpi_spec().launcher == "mpiexec"
 
 
 # --------------------------------------------------------------------------- one error family

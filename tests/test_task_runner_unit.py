@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from askap_flows import cluster_yaml, flow_runner
+from askap_flows.resolve import resolve
 from askap_flows.spec import SpecError
 from conftest import ROOT
 
@@ -43,18 +44,22 @@ def test_task_runner_is_prefect_dasks_runner_with_a_cluster_per_run():
     runner = askap_flows.task_runner("testbed")
     assert isinstance(runner, DaskTaskRunner)
     assert runner.cluster_class is flow_runner.RunCluster
-    assert runner.cluster_kwargs["plan"].alloc.nodes == 3
+    assert runner.cluster_kwargs["resolved"].allocation.nodes == 3
     assert not runner.adapt_kwargs
     copy = runner.duplicate()  # what Prefect runs each flow run with (2.20 and 3.x)
     assert copy is not runner and copy.cluster_class is flow_runner.RunCluster
-    assert copy.cluster_kwargs["plan"] == runner.cluster_kwargs["plan"]
+    assert copy.cluster_kwargs["resolved"] == runner.cluster_kwargs["resolved"]
 
 
-def test_each_run_of_a_plan_gets_its_own_job_name_and_ports():
-    plan = flow_runner.plan_for("testbed", {"nodes": 1, "adapt_kwargs": {"minimum": 1,
-                                                                        "maximum": 3}})
-    one = plan.cluster_kwargs("askapflows-aaa", "/l", "127.0.0.1", 20001, 20002)
-    two = plan.cluster_kwargs("askapflows-bbb", "/l", "127.0.0.1", 20003, 20004)
+def runner_profile(cluster, **overrides):
+    """What task_runner(cluster, **overrides) builds each run from."""
+    return flow_runner.task_runner(cluster, **overrides).cluster_kwargs["resolved"]
+
+
+def test_each_run_of_a_profile_gets_its_own_job_name_and_ports():
+    plan = runner_profile("testbed", nodes=1, adapt_kwargs={"minimum": 1, "maximum": 3})
+    one = flow_runner.cluster_kwargs(plan, "askapflows-aaa", "/l", "127.0.0.1", 20001, 20002)
+    two = flow_runner.cluster_kwargs(plan, "askapflows-bbb", "/l", "127.0.0.1", 20003, 20004)
     assert (one["job_name"], two["job_name"]) == ("askapflows-aaa", "askapflows-bbb")
     assert one["scheduler_options"] == {"port": 20001, "dashboard_address": "127.0.0.1:20002",
                                         "interface": "lo"}
@@ -64,24 +69,24 @@ def test_each_run_of_a_plan_gets_its_own_job_name_and_ports():
 
 
 def test_library_form_mpi_shape_is_one_job_of_n_nodes():
-    plan = flow_runner.plan_for("testbed")
-    kw = plan.cluster_kwargs("askapflows-aaa", "/l", "127.0.0.1", 1, 2)
+    plan = runner_profile("testbed")
+    kw = flow_runner.cluster_kwargs(plan, "askapflows-aaa", "/l", "127.0.0.1", 1, 2)
     assert kw["n_workers"] == 1 and "--nodes=3" in kw["job_extra_directives"]
     assert kw["python"].startswith("exec ")
 
 
 def test_adaptive_shape_needs_single_node_jobs():
     with pytest.raises(SpecError, match="single-node worker jobs.*nodes=3.*Set nodes=1"):
-        flow_runner.plan_for("testbed", {"adapt_kwargs": {"minimum": 1, "maximum": 3}})
+        runner_profile("testbed", adapt_kwargs={"minimum": 1, "maximum": 3})
 
 
 def test_unknown_override_of_the_library_form_says_what_is_valid():
-    with pytest.raises(SpecError, match="nodez.*keys of the profile's allocation section"):
-        flow_runner.plan_for("testbed", {"nodez": 2})
+    with pytest.raises(SpecError, match="allocation: unknown key.*nodez.*Valid keys are: nodes"):
+        runner_profile("testbed", nodez=2)
 
 
 def test_jobqueue_form_is_accepted_unchanged_and_hardened():
-    plan = flow_runner.plan_for(FLINT_STYLE)
+    plan = runner_profile(FLINT_STYLE)
     assert plan.adapt_kwargs == {"minimum": 1, "maximum": 512}
     kw = run_kwargs(plan.jobqueue)
     assert kw["job_name"] == "p-abc"
@@ -107,7 +112,7 @@ def test_jobqueue_form_multi_node_job_drops_dask_jobqueues_dash_n_1():
 def test_unknown_cluster_kwargs_list_the_valid_ones():
     data = {"cluster_class": "dask_jobqueue.SLURMCluster", "cluster_kwargs": {"coers": 2}}
     with pytest.raises(SpecError) as err:
-        flow_runner.plan_for(data)
+        runner_profile(data)
     text = str(err.value)
     assert "unknown key(s) in cluster_kwargs: coers" in text
     for key in ("cores", "memory", "job_extra_directives", "job_script_prologue", "interface"):
@@ -129,7 +134,7 @@ def test_unknown_cluster_kwargs_list_the_valid_ones():
 ])
 def test_jobqueue_form_refuses_what_cannot_work(data, said):
     with pytest.raises(SpecError, match=said):
-        flow_runner.plan_for(data)
+        runner_profile(data)
 
 
 def test_managed_values_are_overridden_with_a_note(caplog):
@@ -137,7 +142,7 @@ def test_managed_values_are_overridden_with_a_note(caplog):
                                "scheduler_options": {"port": 8786}},
             "adapt_kwargs": {"minimum": 1, "maximum": 2}}
     with caplog.at_level(logging.WARNING, logger="askap_flows"):
-        plan = flow_runner.plan_for(data, {"n_workers": 4})
+        plan = runner_profile(data, n_workers=4)
     said = caplog.text
     assert "dashboard_address (':8787') is not used: each run's scheduler gets its own" in said
     assert "scheduler_options.port (8786) is not used" in said
@@ -150,8 +155,8 @@ def test_managed_values_are_overridden_with_a_note(caplog):
 
 
 def test_example_profiles_read_in_both_shapes():
-    assert flow_runner.plan_for(ADAPTIVE).adapt_kwargs == {"minimum": 1, "maximum": 3}
-    mpi_plan = flow_runner.plan_for(MPI)
+    assert runner_profile(ADAPTIVE).adapt_kwargs == {"minimum": 1, "maximum": 3}
+    mpi_plan = runner_profile(MPI)
     assert not mpi_plan.adapt_kwargs and mpi_plan.prefix == "example-mpi"
 
 
@@ -178,12 +183,12 @@ def test_render_of_the_jobqueue_form_refuses_library_flags():
 
 
 def test_jobqueue_form_as_the_allocation_doctor_checks():
-    alloc = cluster_yaml.as_allocation(flow_runner.plan_for(FLINT_STYLE).jobqueue)
+    alloc = cluster_yaml.as_allocation(runner_profile(FLINT_STYLE).jobqueue)
     assert (alloc.partition, alloc.account, alloc.interface, alloc.scheduler_interface) == (
         "work", "askaprt", "ib0", "ib0")
     assert (alloc.nodes, alloc.cpus_per_task, alloc.memory, alloc.walltime) == (
         1, 4, "8GB", "01:00:00")
-    alloc = cluster_yaml.as_allocation(flow_runner.plan_for(MPI).jobqueue)
+    alloc = cluster_yaml.as_allocation(runner_profile(MPI).jobqueue)
     assert (alloc.nodes, alloc.ntasks_per_node, alloc.job_name_prefix) == (3, 2, "example-mpi")
 
 
@@ -219,15 +224,19 @@ def test_a_lost_job_fails_the_waiting_tasks_with_slurms_cause():
 
 
 def test_mpi_task_layout_over_the_profiles_mpi_section():
-    from askap_flows import runner_mpi
+    plan = runner_profile("testbed")  # its mpi section: 3 nodes, 6 ranks, 2 per node, pmi2
 
-    section = {"nodes": 3, "ntasks": 6, "ntasks_per_node": 2, "mpi_plugin": "pmi2"}
-    spec = runner_mpi.resolve({"nodes": 2, "ntasks": 2}, section)  # a new layout
+    def step(mpi):  # what mpi_task resolves
+        return resolve(plan, mpi=mpi, launcher="srun").mpi_spec()
+
+    spec = step({"nodes": 2, "ntasks": 2})  # a new layout
     assert (spec.nodes, spec.ntasks, spec.ntasks_per_node, spec.mpi_plugin) == (2, 2, None, "pmi2")
-    assert runner_mpi.resolve({"timeout": 5}, section).ntasks_per_node == 2
-    assert runner_mpi.resolve(None, {"launcher": "mpiexec"}).launcher == "srun"  # in the job
-    with pytest.raises(SpecError, match="mpi_task: .*nodez.*Valid keys: nodes, ntasks"):
-        runner_mpi.resolve({"nodez": 2}, section)
+    assert step({"timeout": 5}).ntasks_per_node == 2
+    assert step({"launcher": "mpiexec"}).launcher == "srun"  # in the job
+    with pytest.raises(SpecError, match="mpi: unknown key.*nodez.*Valid keys are: nodes, ntasks"):
+        step({"nodez": 2})
+    with pytest.raises(SpecError, match="wants 4 nodes but the allocation has 3"):
+        step({"nodes": 4, "ntasks": 4})
 
 
 def test_mpi_task_outside_a_runners_flow_says_how_to_use_it():

@@ -11,8 +11,9 @@ import shlex
 import sys
 
 from . import cluster_yaml, host, mpi, server_cli, slurm, slurm_query
-from .spec import MPISpec, SpecError
-from .spec_profile import BACKENDS, load_profile, packaged_profiles, read_profile
+from .resolve import resolve
+from .spec import AllocationSpec, MPISpec, SpecError
+from .spec_profile import BACKENDS, packaged_profiles
 
 
 def cmd_build_mpi(args) -> int:
@@ -33,16 +34,19 @@ def cmd_profiles(args) -> int:
 SCHEDULER_PLACEHOLDER = "SCHEDULER_ADDRESS"
 
 
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
 def cmd_render(args) -> int:
     """Print the job script and MPI command line; works off-cluster: where the profile's scheduler
     interface is not on this host, the scheduler address is a marked placeholder (stderr says so).
     `doctor` is the command that fails for a missing interface."""
-    from .run import cli_specs
-
-    if cluster_yaml.is_jobqueue_form(load_profile(args.profile)[1]):
-        return _render_jobqueue(args)
-    read_profile(args.profile)  # a clear error for a bad profile before anything else
-    alloc, spec = cli_specs(args)
+    resolved = resolve(args.profile, backend=args.backend, nodes=args.nodes, ntasks=args.ntasks,
+                       any_form=True, say=_note)
+    if resolved.jobqueue is not None:
+        return _render_jobqueue(args, resolved.jobqueue)
+    alloc, spec = resolved.allocation_spec(), resolved.mpi_spec()
     program = args.program or spec.program or str(mpi.default_program(spec.mpicc))
     if args.backend == "slurm":
         address = "127.0.0.1"  # what slurm.scheduler_host gives without a scheduler_interface
@@ -65,22 +69,16 @@ def cmd_render(args) -> int:
                   f"{alloc.scheduler_interface!r} is not on this host")
         print(slurm.render_job_script(kwargs, scheduler=f"tcp://{address}:SCHEDULER_PORT"))
     print("# MPI command line, run by the Dask worker inside the job")
+    if resolved.launcher_note:
+        print(f"# {resolved.launcher_note}")
     print(shlex.join(mpi.launch_command(spec, program)))
     return 0
 
 
-def _render_jobqueue(args) -> int:
+def _render_jobqueue(args, profile: cluster_yaml.JobqueueProfile) -> int:
     """render for a profile in dask-jobqueue's form (cluster_class, cluster_kwargs, adapt_kwargs):
     the job script of each of its jobs; what the profile sets that askap_flows overrides, on
-    stderr."""
-    if args.nodes is not None or args.ntasks is not None or args.backend != "slurm":
-        raise SpecError(f"profile {args.profile} is in dask-jobqueue's form: --nodes, --ntasks "
-                        "and --backend local apply to this library's form only. Set nodes in "
-                        "its cluster_kwargs.job_extra_directives.")
-    path, data = load_profile(args.profile)
-    profile = cluster_yaml.read(data, str(path))
-    for note in profile.notes:
-        print(f"note: {note}", file=sys.stderr)
+    stderr (said by resolve)."""
     interface = cluster_yaml.scheduler_interface(profile)
     address = "127.0.0.1"
     try:
@@ -102,20 +100,21 @@ def _render_jobqueue(args) -> int:
 
 def cmd_doctor(args) -> int:
     from . import doctor, doctor_report
-    from .run import cli_specs, prepare_environment
+    from .run import prepare_environment
 
     if args.max_concurrent < 1:
         raise SpecError(f"--max-concurrent must be >= 1, got {args.max_concurrent}.")
-    args.nodes = args.ntasks = None
     prepare_environment()  # the main job's defaults: PREFECT_HOME under ./.askap_flows
     if args.backend is None:
         chosen = args.profile or os.environ.get("ASKAP_FLOWS_PROFILE")
         args.backend = "slurm" if chosen and chosen != "local" else "local"
-    specs = lambda: cli_specs(args)  # noqa: E731
-    if args.profile and cluster_yaml.is_jobqueue_form(load_profile(args.profile)[1]):
-        path, data = load_profile(args.profile)  # dask-jobqueue's form: what its jobs ask for
-        specs = lambda: (cluster_yaml.as_allocation(cluster_yaml.read(data, str(path))),  # noqa: E731
-                         MPISpec())
+
+    def specs() -> tuple[AllocationSpec, MPISpec]:
+        resolved = resolve(args.profile, backend=args.backend, any_form=True, say=_note)
+        if resolved.jobqueue is not None:  # dask-jobqueue's form: what its jobs ask for
+            return cluster_yaml.as_allocation(resolved.jobqueue), resolved.mpi_spec()
+        return resolved.allocation_spec(), resolved.mpi_spec()
+
     rows = doctor.run_checks(args.profile, args.backend, args.max_concurrent, specs=specs)
     print(doctor_report.render_table(rows))
     failed = [r.name for r in rows if r.status == doctor_report.FAIL]
@@ -127,7 +126,7 @@ def cmd_doctor(args) -> int:
 def cmd_cleanup(args) -> int:
     where = args.clusters
     if where is None and args.profile:  # the clusters: its sub-flows submitted to (sbatch -M)
-        where = read_profile(args.profile)["allocation"].get("clusters")
+        where = resolve(args.profile, step=False, any_form=True, say=lambda _: None).clusters
     slurm_query.check_available(where)
     jobs = slurm_query.jobs_with_prefix(args.prefix, where)
     on = f" on cluster(s) {where}" if where else ""

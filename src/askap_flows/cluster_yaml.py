@@ -93,7 +93,7 @@ def read(data: Mapping[str, Any], where: str,
     over = dict(overrides or {})
     adapt = _mapping(where, "adapt_kwargs", over.pop("adapt_kwargs", data.get("adapt_kwargs")))
     kwargs = {**_mapping(where, "cluster_kwargs", data.get("cluster_kwargs")), **over}
-    _check_adapt(where, adapt)
+    check_adapt(where, adapt)
     return _check_kwargs(where, kwargs, adapt)
 
 
@@ -106,7 +106,7 @@ def _mapping(where: str, name: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _check_adapt(where: str, adapt: Mapping[str, Any]) -> None:
+def check_adapt(where: str, adapt: Mapping[str, Any]) -> None:
     bad = sorted(set(adapt) - set(ADAPT_KEYS))
     if bad:
         raise SpecError(f"profile {where}: unknown key(s) in adapt_kwargs: {', '.join(bad)}. "

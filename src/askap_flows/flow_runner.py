@@ -16,126 +16,69 @@ jobs scaled by ``adapt(minimum, maximum)``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from dask_jobqueue import SLURMCluster
 from prefect_dask import DaskTaskRunner
 
 from . import board, cluster_yaml, host, jobs, ports, runners, slurm, slurm_query
+from .resolve import Resolved, resolve
 from .runner_watch import LostJobWatch
-from .spec import AllocationSpec, SpecError
-from .spec_profile import load_profile, profile_sections
-
-log = logging.getLogger("askap_flows")
-ADAPT = "adapt_kwargs"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What every run of one task runner builds: a profile in either form, checked."""
-
-    alloc: AllocationSpec | None = None  # this library's form
-    jobqueue: cluster_yaml.JobqueueProfile | None = None  # the dask-jobqueue form
-    adapt_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    mpi: Mapping[str, Any] = field(default_factory=dict)  # this library's form: its mpi section
-
-    @property
-    def prefix(self) -> str:
-        return self.alloc.job_name_prefix if self.alloc else self.jobqueue.prefix  # type: ignore[union-attr]
-
-    @property
-    def start_timeout(self) -> float:
-        return self.alloc.start_timeout if self.alloc else 600.0
-
-    def scheduler_host(self) -> str:
-        """The address the scheduler listens on ('' = every address, dask's default)."""
-        if self.alloc:
-            return slurm.scheduler_host(self.alloc)
-        interface = cluster_yaml.scheduler_interface(self.jobqueue)  # type: ignore[arg-type]
-        if interface:
-            return slurm.interface_address(interface)
-        return (self.jobqueue.cluster_kwargs.get("scheduler_options") or {}).get("host") or ""  # type: ignore[union-attr]
-
-    def cluster_kwargs(self, job_name: str, log_dir: str, address: str, scheduler_port: int,
-                       dashboard_port: int) -> dict[str, Any]:
-        """One run's SLURMCluster arguments (pure)."""
-        if self.alloc:
-            kw = slurm.cluster_kwargs(self.alloc, job_name=job_name, log_directory=log_dir,
-                                      env=slurm.job_env(),
-                                      dashboard_address=f"{address}:{dashboard_port}")
-            kw["scheduler_options"]["port"] = scheduler_port
-            if self.adapt_kwargs:
-                kw["n_workers"] = 0
-            return kw
-        return cluster_yaml.harden(self.jobqueue, job_name=job_name, log_directory=log_dir,  # type: ignore[arg-type]
-                                   env=slurm.job_env(), scheduler_port=scheduler_port,
-                                   dashboard_address=f"{address}:{dashboard_port}")
+def scheduler_host(resolved: Resolved) -> str:
+    """The address the scheduler listens on ('' = every address, dask's default)."""
+    if resolved.allocation:
+        return slurm.scheduler_host(resolved.allocation)
+    jq = resolved.jobqueue
+    interface = cluster_yaml.scheduler_interface(jq)  # type: ignore[arg-type]
+    if interface:
+        return slurm.interface_address(interface)
+    return (jq.cluster_kwargs.get("scheduler_options") or {}).get("host") or ""  # type: ignore[union-attr]
 
 
-def plan_for(cluster: str | os.PathLike | Mapping[str, Any],
-             overrides: Mapping[str, Any] | None = None) -> Plan:
-    """Read and check ``cluster`` (a packaged profile name, a YAML path or a mapping) in either
-    form, with ``overrides`` over it. Asks SLURM nothing."""
-    if isinstance(cluster, Mapping):
-        where, data = "(mapping)", dict(cluster)
-    else:
-        path, data = load_profile(cluster)
-        where = str(path)
-    over = dict(overrides or {})
-    if cluster_yaml.is_jobqueue_form(data):
-        if isinstance(data, Mapping) and {"allocation", "mpi"} & set(data):
-            raise SpecError(f"profile {where}: it mixes the dask-jobqueue form (cluster_class, "
-                            "cluster_kwargs, adapt_kwargs) with this library's (allocation, "
-                            "mpi). Use one form per file.")
-        jq = cluster_yaml.read(data, where, over)
-        for note in jq.notes:
-            log.warning("%s", note)
-        return Plan(jobqueue=jq, adapt_kwargs=jq.adapt_kwargs)
-    adapt = over.pop(ADAPT, None) or {}
-    cluster_yaml._check_adapt(where, adapt)  # noqa: SLF001 - the same checks for both forms
-    sections = profile_sections(data, where)
-    section = sections["allocation"]
-    try:
-        alloc = AllocationSpec(**{**section, **{k: v for k, v in over.items() if v is not None}})
-    except TypeError as exc:
-        raise SpecError(f"allocation (profile {where}): {exc}. Overrides are keys of the "
-                        "profile's allocation section, or adapt_kwargs.") from None
-    except SpecError as exc:
-        raise SpecError(f"allocation (profile {where}): {exc}") from None
-    if adapt and alloc.nodes != 1:
-        raise SpecError(f"profile {where}: adapt_kwargs scales single-node worker jobs, but the "
-                        f"allocation has nodes={alloc.nodes}. Set nodes=1 for the adaptive shape, "
-                        "or leave adapt_kwargs out for one job of N nodes (the MPI shape).")
-    return Plan(alloc=alloc, adapt_kwargs=dict(adapt), mpi=sections["mpi"])
+def cluster_kwargs(resolved: Resolved, job_name: str, log_dir: str, address: str,
+                   scheduler_port: int, dashboard_port: int) -> dict[str, Any]:
+    """One run's SLURMCluster arguments (pure)."""
+    if resolved.allocation:
+        kw = slurm.cluster_kwargs(resolved.allocation, job_name=job_name, log_directory=log_dir,
+                                  env=slurm.job_env(),
+                                  dashboard_address=f"{address}:{dashboard_port}")
+        kw["scheduler_options"]["port"] = scheduler_port
+        if resolved.adapt_kwargs:
+            kw["n_workers"] = 0
+        return kw
+    return cluster_yaml.harden(resolved.jobqueue, job_name=job_name, log_directory=log_dir,  # type: ignore[arg-type]
+                               env=slurm.job_env(), scheduler_port=scheduler_port,
+                               dashboard_address=f"{address}:{dashboard_port}")
 
 
 class RunCluster(SLURMCluster):
     """One flow run's SLURMCluster: its own job name and ports, its jobs tracked and cancelled."""
 
-    def __init__(self, plan: Plan, **kwargs: Any) -> None:
+    def __init__(self, resolved: Resolved, **kwargs: Any) -> None:
         slurm_query.check_available()
-        self.askap_plan = plan
+        self.askap_resolved = resolved
         self.askap_token = uuid.uuid4().hex[:10]
-        self.askap_job_name = f"{plan.prefix}-{self.askap_token}"
+        self.askap_job_name = f"{resolved.prefix}-{self.askap_token}"
         self.askap_log_dir = str(host.log_dir())
         host.log_dir().mkdir(parents=True, exist_ok=True)
-        address = plan.scheduler_host()
+        address = scheduler_host(resolved)
         runners.import_dashboard()
         # SLURM checks the shape once per process: the script with a fixed name and ports
-        slurm_query.test_submit(slurm.render_job_script(plan.cluster_kwargs(
-            f"{plan.prefix}-check", self.askap_log_dir, address, 0, 0)))
+        slurm_query.test_submit(slurm.render_job_script(cluster_kwargs(
+            resolved, f"{resolved.prefix}-check", self.askap_log_dir, address, 0, 0)))
         self._askap_ports = ports.reserve(2, address or "0.0.0.0")
         self._askap_done = False
         self._askap_watch = LostJobWatch("", "", "")  # replaced once the cluster runs
         board.board().track(self.askap_job_name)
         try:
-            super().__init__(**plan.cluster_kwargs(
-                self.askap_job_name, self.askap_log_dir, address, *self._askap_ports.ports),
+            super().__init__(**cluster_kwargs(
+                resolved, self.askap_job_name, self.askap_log_dir, address,
+                *self._askap_ports.ports),
                 job_cls=jobs.BoardJob, **kwargs)  # type: ignore[arg-type]  # typed an instance
         except BaseException:
             self.askap_release()
@@ -145,7 +88,7 @@ class RunCluster(SLURMCluster):
     def handle(self) -> jobs.RunHandle:
         """The run's job facts, as the watch and the MPI task use them."""
         return jobs.RunHandle(self.askap_token, self.askap_job_name, self.askap_log_dir,
-                              self.askap_plan.start_timeout, "slurm")
+                              self.askap_resolved.start_timeout, "slurm")
 
     def askap_release(self) -> None:
         """Cancel every job of this run (by name), untrack it, free its ports. Idempotent."""
@@ -161,7 +104,7 @@ class RunCluster(SLURMCluster):
     def askap_watch(self) -> None:
         """The MPI shape: a job that ends under the run fails the run's tasks (runner_watch.py).
         Adaptive jobs end by design (adapt scales them down): there Dask moves the work."""
-        if not self.askap_plan.adapt_kwargs:
+        if not self.askap_resolved.adapt_kwargs:
             self._askap_watch = LostJobWatch(self.scheduler_address, self.askap_job_name,
                                              self.askap_log_dir)
             self._askap_watch.start()
@@ -223,7 +166,10 @@ def task_runner(cluster: str | os.PathLike | Mapping[str, Any], **overrides: Any
     Every flow run gets its own cluster, built when the run starts and closed (its jobs
     cancelled) when it ends. Checked here: the profile; at the run's start: SLURM and the job.
     """
-    plan = plan_for(cluster, overrides)
+    over = dict(overrides)
+    adapt = over.pop("adapt_kwargs", None)
+    resolved = resolve(cluster, backend="slurm", allocation=over, adapt_kwargs=adapt, step=False,
+                       any_form=True)
     # ignore: Prefect 3 types cluster_class a callable without arguments; it is called with them
-    return DaskTaskRunner(cluster_class=RunCluster, cluster_kwargs={"plan": plan},  # type: ignore[arg-type, unused-ignore]
-                          adapt_kwargs=dict(plan.adapt_kwargs))
+    return DaskTaskRunner(cluster_class=RunCluster, cluster_kwargs={"resolved": resolved},  # type: ignore[arg-type, unused-ignore]
+                          adapt_kwargs=dict(resolved.adapt_kwargs))

@@ -23,8 +23,8 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from . import compat, mpi, runners, slurm, slurm_query, watch
 from .jobs import RunHandle
 from .mpi_run import run_mpi
+from .resolve import resolve
 from .spec import AllocationSpec, MPISpec, excluding_nodes, whole_number
-from .spec_profile import resolve_allocation, resolve_specs
 
 
 @dataclass
@@ -153,7 +153,8 @@ def mpi_subflow(
     whole_number("retries", retries, minimum=0)
     if pool is not None:  # a warm allocation (pool.py)
         return pool.run_mpi(mpi_spec, program=program, name=name, retries=retries)
-    alloc, spec = resolve_specs(mpi_spec, allocation, profile, backend)
+    resolved = resolve(profile, backend=backend, allocation=allocation, mpi=mpi_spec)
+    alloc, spec = resolved.allocation_spec(), resolved.mpi_spec()
     prog, check_ranks = mpi.resolve_program(spec, program)
     if backend == "slurm":
         slurm_query.check_available(alloc.clusters)
@@ -250,8 +251,8 @@ def array_subflow(
     over = {"nodes": 1, "ntasks_per_node": 1}
     if isinstance(allocation, Mapping):
         over.update(allocation)
-    alloc = resolve_allocation(allocation if isinstance(allocation, AllocationSpec) else over,
-                               profile, backend)
+    alloc = resolve(profile, backend=backend, step=False, allocation=allocation if isinstance(
+        allocation, AllocationSpec) else over).allocation_spec()
     if backend == "slurm":
         slurm_query.check_available(alloc.clusters)
     with runners.cluster_for_run(alloc, backend) as run:

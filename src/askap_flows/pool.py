@@ -31,8 +31,8 @@ from . import board, jobs, mpi, ports, runners, slurm, slurm_query, watch
 from .errors import AskapFlowsError
 from .host import log_dir as job_log_dir
 from .ledger import LedgerError, NodeLedger
+from .resolve import resolve
 from .spec import AllocationSpec, MPISpec, walltime_seconds
-from .spec_profile import build_specs, resolve_allocation
 
 log = logging.getLogger("askap_flows")
 _pools: dict[str, Pool] = {}  # job name -> open pool (flow parameters carry the name only)
@@ -181,9 +181,8 @@ class Pool:
         """One MPI sub-flow in this pool (``mpi_subflow(..., pool=pool)`` calls this)."""
         from .pool_step import pool_step
 
-        spec = mpi_spec if isinstance(mpi_spec, MPISpec) else build_specs(
-            self.profile, mpi=mpi_spec, check=False)[1]
-        spec = dataclasses.replace(spec, launcher="srun")
+        spec = resolve(self.profile, allocation=self.alloc, mpi=mpi_spec, launcher="srun",
+                       fit=False).mpi_spec()  # the pool's ledger checks the fit
         self.check_step(spec)
         prog, check_ranks = mpi.resolve_program(spec, program)
         with self._cond:
@@ -229,7 +228,7 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
         raise PoolError(f"allocation(backend={backend!r}): a pool holds a SLURM job; use "
                         "backend='slurm', or call mpi_subflow without pool= for local runs.")
     over = {**allocation_fields, "nodes": nodes, "walltime": walltime}
-    alloc = resolve_allocation(over, profile, backend)
+    alloc = resolve(profile, backend=backend, allocation=over, step=False).allocation_spec()
     slurm_query.check_available(alloc.clusters)
     runners.import_dashboard()
     token = uuid.uuid4().hex[:10]

@@ -8,7 +8,6 @@ summary (or one JSON object with --json), and exits non-zero when any sub-flow f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -19,9 +18,10 @@ from . import database, interrupt, mpi, slurm, slurm_query
 from . import server as server_mod
 from .interrupt import EXIT_INTERRUPTED
 from .progress import Progress
+from .resolve import resolve
 from .server import ServerError
-from .spec import SpecError, check_fits
-from .spec_profile import BACKENDS, resolve_specs
+from .spec import SpecError
+from .spec_profile import BACKENDS
 
 EXIT_FAILED = 1  # a sub-flow failed
 EXIT_USAGE = 2  # bad input or a missing piece: nothing was run
@@ -73,22 +73,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_specs(args):
-    """The profile's specs with --nodes/--ntasks applied; the allocation follows the MPI layout."""
-    alloc, spec = resolve_specs(None, None, args.profile, args.backend)
-    if args.nodes is None and args.ntasks is None:
-        return alloc, spec
-    nodes = args.nodes if args.nodes is not None else spec.nodes
-    ntasks = args.ntasks if args.ntasks is not None else max(spec.ntasks, nodes)
-    spec = dataclasses.replace(spec, nodes=nodes, ntasks=ntasks, ntasks_per_node=None)
-    per_node = -(-ntasks // nodes)
-    alloc = dataclasses.replace(alloc,
-                                nodes=max(alloc.nodes, nodes) if args.nodes is None else nodes,
-                                ntasks_per_node=max(alloc.ntasks_per_node, per_node))
-    check_fits(spec, alloc)
-    return alloc, spec
-
-
 def prepare_environment() -> Path:
     return server_mod.prepare_environment()
 
@@ -130,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError(f"--subflows must be >= 1, got {args.subflows}.")
         if args.max_concurrent < 1:
             raise SpecError(f"--max-concurrent must be >= 1, got {args.max_concurrent}.")
-        alloc, spec = cli_specs(args)
+        resolved = resolve(args.profile, backend=args.backend, nodes=args.nodes,
+                           ntasks=args.ntasks, say=lambda note: say(f"note: {note}"))
+        alloc, spec = resolved.allocation_spec(), resolved.mpi_spec()
         home = prepare_environment()
         if args.backend == "slurm":
             slurm_query.check_available(alloc.clusters)

@@ -1,13 +1,12 @@
 """Profiles: YAML files with two sections, ``allocation`` and ``mpi``, read into the specs of
 :mod:`askap_flows.spec`.
 
-Layering, highest first: explicit arguments > the chosen profile (a packaged name or a path) > the
-field defaults of the specs.
+Finding and reading a profile is here; layering it with explicit arguments and the backend is
+:func:`askap_flows.resolve.resolve`, the one place every entry point resolves its specs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import fields
@@ -16,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .spec import AllocationSpec, MPISpec, SpecError, check_fits
+from .spec import AllocationSpec, MPISpec, SpecError
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 PROFILE_ENV = "ASKAP_FLOWS_PROFILE"
@@ -110,74 +109,11 @@ def build_specs(
     mpi: Mapping[str, Any] | None = None,
     check: bool = True,
 ) -> tuple[AllocationSpec, MPISpec]:
-    """Layer explicit values over the profile over the defaults, validate, and check the fit."""
-    sections = read_profile(profile)
-    path = _profile_path(profile)
-    where = f" (profile {path})" if path else ""
-    built: list[Any] = []  # [AllocationSpec, MPISpec]
-    for name, cls, explicit in (("allocation", AllocationSpec, allocation), ("mpi", MPISpec, mpi)):
-        try:
-            built.append(cls(**{**sections[name], **_explicit(explicit)}))
-        except (TypeError, SpecError) as exc:  # name the section and the file the value came from
-            raise SpecError(f"{name}{where}: {exc}") from None
-    alloc, mpi_spec = built
-    if check:
-        check_fits(mpi_spec, alloc)
-    return alloc, mpi_spec
+    """The profile's specs as written (its launcher too), explicit values over them, checked
+    (``check``: the MPI step fits the allocation). No profile and no $ASKAP_FLOWS_PROFILE: the
+    field defaults. Every run resolves its specs with :func:`askap_flows.resolve.resolve`."""
+    from .resolve import resolve
 
-
-def _explicit(values: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (values or {}).items() if v is not None}
-
-
-def _profile_for(profile, backend: str, needed: bool):
-    if backend not in BACKENDS:
-        raise SpecError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
-    if profile is not None or not needed:
-        return profile
-    profile = os.environ.get(PROFILE_ENV) or ("local" if backend == "local" else None)
-    if profile is None:
-        raise SpecError(
-            "the slurm backend needs a profile that says which partition and network "
-            "interfaces to use: pass profile='testbed' (the test bed), a YAML path, or set "
-            "ASKAP_FLOWS_PROFILE. `askap-flows profiles` lists the packaged ones."
-        )
-    return profile
-
-
-def resolve_specs(
-    mpi_spec: MPISpec | Mapping[str, Any] | None,
-    allocation: AllocationSpec | Mapping[str, Any] | None,
-    profile: str | os.PathLike | None,
-    backend: str,
-) -> tuple[AllocationSpec, MPISpec]:
-    """The specs of one sub-flow: given specs win, mappings layer over the profile; checked."""
-    given = isinstance(mpi_spec, MPISpec) and isinstance(allocation, AllocationSpec)
-    profile = _profile_for(profile, backend, needed=not given)
-    alloc_over = allocation if isinstance(allocation, Mapping) else None
-    mpi_over = mpi_spec if isinstance(mpi_spec, Mapping) else None
-    alloc, spec = build_specs(profile, allocation=alloc_over, mpi=mpi_over, check=False)
-    if isinstance(allocation, AllocationSpec):
-        alloc = allocation
-    if isinstance(mpi_spec, MPISpec):
-        spec = mpi_spec
-    if backend == "local" and spec.launcher != "mpiexec":
-        spec = dataclasses.replace(spec, launcher="mpiexec")
-    check_fits(spec, alloc)
-    return alloc, spec
-
-
-def resolve_allocation(
-    allocation: AllocationSpec | Mapping[str, Any] | None,
-    profile: str | os.PathLike | None,
-    backend: str,
-) -> AllocationSpec:
-    """The allocation alone (for sub-flows without an MPI step), layered like resolve_specs."""
-    if isinstance(allocation, AllocationSpec):
-        _profile_for(profile, backend, needed=False)
-        return allocation
-    section = read_profile(_profile_for(profile, backend, needed=True))["allocation"]
-    try:
-        return AllocationSpec(**{**section, **_explicit(allocation)})
-    except TypeError as exc:
-        raise SpecError(f"allocation: {exc}") from None
+    none = profile is None and not os.environ.get(PROFILE_ENV)
+    res = resolve({} if none else profile, allocation=allocation, mpi=mpi, fit=check)
+    return res.allocation_spec(), res.mpi_spec()
