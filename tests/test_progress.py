@@ -18,6 +18,8 @@ from conftest import ROOT, askap_jobs, run_main
 def test_status_line_and_counts():
     assert status_line(3.2, 2, 1, 4, 0) == "[    3s] 2 queued, 1 running, 4 done, 0 failed"
     assert status_line(61, 0, 2, 0, 1, ["10", "9"]).endswith("| SLURM jobs 9, 10")
+    assert status_line(2, 0, 3, 0, 0, ["5"], "pool job 5: 2 running, 1 waiting, 0 done, 0 failed"
+                       ).endswith("| SLURM job 5 | pool job 5: 2 running, 1 waiting, 0 done, 0 failed")
     out = io.StringIO()
     p = Progress(3, out, tty=False)
     with p:
@@ -38,6 +40,12 @@ def test_status_line_and_counts():
         p.ended(0, "a completed", ok=True)
     text = tty.getvalue()
     assert text.count(CLEAR + "[    0s] 0 queued, 1 running") >= 2
+    pooled = io.StringIO()
+    with Progress(1, pooled, tty=True, interval=0.05) as p:
+        p.pool = lambda: "pool job 5: 1 running, 0 waiting, 0 done, 0 failed"
+        p.started(0, "a")
+        time.sleep(0.2)
+    assert "1 running, 0 done, 0 failed | pool job 5: 1 running, 0 waiting" in pooled.getvalue()
     assert CLEAR + "[1/1] a completed\n" in text and text.endswith(CLEAR)
 
 
