@@ -35,7 +35,7 @@ def pool(nodes: int | None, profile, alloc: AllocationSpec, progress: Progress) 
     from .pool_record import progress_text
 
     with allocation(profile, nodes=nodes, ntasks_per_node=alloc.ntasks_per_node) as held:
-        progress.say(f"pool: SLURM job {held.job_id} on {','.join(held.nodes)}; "
+        progress.say(f"pool: SLURM job {held.job_id} ({held.job_name}) on {','.join(held.nodes)}; "
                      f"Dask dashboard {held.dashboard or '-'}")
         progress.pool = lambda: progress_text(held.view())
         try:
