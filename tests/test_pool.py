@@ -256,6 +256,8 @@ def test_pool_example_pipeline_runs(tmp_path, hello_program, no_jobs_left):
     lines = [x.split() for x in r.stdout.splitlines() if x[:1].isdigit()]
     assert len(lines) == 8 and {x[1] for x in lines} == {"ok"}, r.stdout
     assert len({x[2] for x in lines}) == 1  # one SLURM job for all eight
+    assert {x[4].split(".")[0] for x in lines} == {lines[0][2]}  # as steps J.S of that job
+    assert len({x[4] for x in lines}) == 8, r.stdout
 
 
 def test_a_dead_node_fails_only_its_steps_and_a_retry_runs_on_the_others(tmp_path, hello_program,
