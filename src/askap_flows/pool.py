@@ -260,8 +260,7 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
             record_pool(pool.view("open"))
             yield pool
         finally:
-            if _pools.pop(job_name, None) is not None:
-                record_pool(pool.view("closed"))
+            opened = _pools.pop(job_name, None)
             try:
                 for closing in (client, cluster):
                     try:
@@ -275,6 +274,8 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                 step_id.remove(prolog)
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
+            if opened is not None and not runners.shutting_down.is_set():
+                record_pool(opened.view("closed"))  # after the cancel: the API may be slow
 
 
 def _wait_for_worker(client, handle: jobs.RunHandle) -> None:
