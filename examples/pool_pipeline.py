@@ -1,5 +1,6 @@
 """Eight MPI steps as job steps of ONE held 3-node SLURM job (a warm pool): no queue wait, no
-cluster start per step; steps of 2 nodes x 2 ranks run three at a time, side by side."""
+cluster start per step; steps of 2 nodes x 2 ranks run three at a time, side by side. Opened in
+this flow, the pool is an artifact of its run; each step prints its SLURM step id (J.S)."""
 import sys
 from functools import partial
 
@@ -16,7 +17,8 @@ def pipeline(profile: str = "testbed", steps: int = 8) -> bool:
         outcomes = run_subflows(calls, max_concurrent=steps)  # more than fit: the pool queues them
     for o in outcomes:
         print(o.index, "ok" if o.ok else f"FAILED: {o.error}",
-              getattr(o.value, "job_id", ""), ",".join(getattr(o.value, "nodes", [])))
+              getattr(o.value, "job_id", ""), ",".join(getattr(o.value, "nodes", [])),
+              getattr(o.value, "step_id", ""))  # the SLURM job step J.S
     return all(o.ok for o in outcomes)
 
 

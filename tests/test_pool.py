@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from functools import partial
+from pathlib import Path
+from uuid import UUID
 
 import pytest
 
 from conftest import askap_jobs
-from test_faults import flow_runs, in_parent_flow, wait_for
+from test_faults import flow_run_logs, flow_runs, in_parent_flow, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -47,6 +51,7 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
         assert res.job_id == job_id  # every step ran inside the one held job
         assert {r.processor for r in res.ranks} == set(res.nodes)  # on the nodes it was given
         assert "--exact" in res.command and f"--nodelist={','.join(res.nodes)}" in res.command
+        assert res.step_id and res.step_id.split(".")[0] == job_id  # a step of the held job
         n = 8 if "wide" in res.name else 2
         assert len(res.ranks) == n and {r.size for r in res.ranks} == {n}
     assert [len(o.value.nodes) for o in out] == [2, 2, 2, 1, 1]
@@ -64,6 +69,102 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
     queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
                             text=True).stdout.strip()
     assert queued in ("", "COMPLETING", "CANCELLED", "COMPLETED"), queued
+
+
+def read_artifacts(key: str | None = None, flow_run_id: str | None = None) -> list:
+    """Artifacts through Prefect's client (both majors), oldest first."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]) if key else None,
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None))
+
+    return sorted(asyncio.run(read()), key=lambda a: a.created)
+
+
+def table_rows(artifact) -> list[dict]:
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_each_step_has_its_slurm_step_id_and_the_pool_its_artifact(tmp_path, hello_program,
+                                                                   no_jobs_left):
+    """Three steps side by side in a pool opened inside a flow: each names its real SLURM step
+    (seen in `squeue --steps` while it ran) in its result, its task log and its table; the pool's
+    markdown artifact is on the opening flow run, written when it opened and when it closed."""
+    from prefect import flow
+
+    from askap_flows import allocation
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
+    from askap_flows.pool_record import artifact_key
+
+    slow = tmp_path / "slow_hello.sh"  # long enough for squeue to see the step
+    slow.write_text(f"#!/bin/sh\nsleep 3\nexec '{hello_program}'\n")
+    slow.chmod(0o755)
+    tag, seen, stop, held = uuid.uuid4().hex[:6], set(), threading.Event(), {}
+
+    def watch_steps():
+        while not stop.wait(0.25):
+            if "pool" in held:
+                out = subprocess.run(["squeue", "-h", "-s", "-j", held["pool"].job_id, "-o", "%i"],
+                                     capture_output=True, text=True).stdout
+                seen.update(s for s in out.split() if s.split(".")[-1].isdigit())
+
+    @flow(name="pool-opener", flow_run_name=f"pool-opener-{tag}")
+    def opener():
+        with allocation(profile="testbed", nodes=2, walltime="00:10:00",
+                        ntasks_per_node=4) as pool:
+            held["pool"] = pool
+            calls = [partial(mpi_subflow, {"nodes": 1, "ntasks": 2, "ntasks_per_node": 2},
+                             pool=pool, program=str(slow), name=f"pstep{i}-{tag}")
+                     for i in range(3)]
+            return run_subflows(calls, max_concurrent=3)
+
+    watcher = threading.Thread(target=watch_steps, daemon=True)
+    watcher.start()
+    try:
+        out = opener()
+    finally:
+        stop.set()
+        watcher.join()
+    pool = held["pool"]
+    steps = []
+    for o in out:
+        assert o.ok, o.error
+        job, _, step = (o.value.step_id or "").partition(".")
+        assert job == pool.job_id and step.isdigit(), o.value.step_id
+        steps.append(o.value.step_id)
+    assert len(set(steps)) == 3, steps
+    assert set(steps) <= seen, (steps, seen)  # real steps: squeue listed them while they ran
+    runs = flow_runs([f"pool-opener-{tag}"] + [f"pstep{i}-{tag}" for i in range(3)])
+    for i, o in enumerate(out):
+        run_id = runs[f"pstep{i}-{tag}"]["id"]
+        logs = [entry["message"] for entry in flow_run_logs(run_id)]
+        assert f"SLURM job step {o.value.step_id}" in logs, logs
+        assert not any(m.startswith("askap_flows: SLURM step") for m in logs)  # not also raw
+        table = next(a for a in read_artifacts(flow_run_id=run_id) if a.type == "table")
+        row = table_rows(table)[0]
+        assert (row["slurm_job_id"], row["slurm_step_id"]) == (pool.job_id, o.value.step_id)
+        assert row["nodes"] == ",".join(o.value.nodes) and row["dashboard"] == pool.dashboard
+    versions = read_artifacts(key=artifact_key(pool.job_name))
+    assert [a.flow_run_id for a in versions] == [UUID(runs[f"pool-opener-{tag}"]["id"])] * 2
+    opened, closed = (a.data for a in versions)
+    assert "| state | open |" in opened and "| state | closed |" in closed
+    for text in (f"| SLURM job | {pool.job_id} |", "| walltime | 00:10:00 |",
+                 f"| nodes | {','.join(pool.nodes)} (2 x 4 CPUs) |", pool.dashboard):
+        assert text in closed, (text, closed)
+    assert "| steps | 3 done, 0 failed, 0 running, 0 waiting |" in closed, closed
+    assert not (Path(pool.prolog)).exists()  # the prolog script went with the pool
 
 
 HOLDER = textwrap.dedent("""
@@ -155,6 +256,8 @@ def test_pool_example_pipeline_runs(tmp_path, hello_program, no_jobs_left):
     lines = [x.split() for x in r.stdout.splitlines() if x[:1].isdigit()]
     assert len(lines) == 8 and {x[1] for x in lines} == {"ok"}, r.stdout
     assert len({x[2] for x in lines}) == 1  # one SLURM job for all eight
+    assert {x[4].split(".")[0] for x in lines} == {lines[0][2]}  # as steps J.S of that job
+    assert len({x[4] for x in lines}) == 8, r.stdout
 
 
 def test_a_dead_node_fails_only_its_steps_and_a_retry_runs_on_the_others(tmp_path, hello_program,

@@ -84,7 +84,7 @@ def test_a_dropped_node_reports_its_steps_and_the_queued_ones_that_no_longer_fit
 
 
 def test_pooled_step_command_golden():
-    from askap_flows.pool import step_command, step_cpus
+    from askap_flows.pool_command import step_command, step_cpus
 
     spec = MPISpec(nodes=2, ntasks=8, cpus_per_task=1, mpi_plugin="pmi2", args=("-x",))
     assert step_command(spec, "/x/hello", ["node2", "node3"]) == [
@@ -95,7 +95,7 @@ def test_pooled_step_command_golden():
 
 
 def test_pool_job_script_holds_the_nodes_without_kill_on_node_failure(tmp_path):
-    from askap_flows.pool import pool_cluster_kwargs
+    from askap_flows.pool_command import pool_cluster_kwargs
     from askap_flows.slurm import render_job_script
     from askap_flows.spec import AllocationSpec
 
@@ -104,3 +104,99 @@ def test_pool_job_script_holds_the_nodes_without_kill_on_node_failure(tmp_path):
     assert "#SBATCH --no-kill" in script and "#SBATCH --nodes=3" in script
     assert "--nthreads 12" in script  # a worker thread for every step that can run at once
     assert "#SBATCH -J askapflows-pool-x" in script
+
+
+def test_pooled_step_runs_the_pools_prolog():
+    from pathlib import Path
+
+    from askap_flows.pool_command import step_command
+
+    argv = step_command(MPISpec(nodes=1, ntasks=2), "/x/hello", ["node1"], Path("/l/p.srun-prolog"))
+    assert argv[argv.index("--exact"):argv.index("/x/hello")] == [
+        "--exact", "--nodelist=node1", "--prolog=/l/p.srun-prolog"]
+
+
+def test_the_step_line_and_the_prolog_that_prints_it(tmp_path):
+    import os
+    import subprocess
+
+    from askap_flows import step_id
+
+    assert step_id.parse_step_line("askap_flows: SLURM step 5.3") == "5.3"
+    assert step_id.parse_step_line("  askap_flows: SLURM step 12.0\n") == "12.0"
+    for other in ("askap_flows: SLURM step 5.", "askap_flows: SLURM step .3",
+                  "rank 0: askap_flows: SLURM step 5.3", "srun: error: step 5.3"):
+        assert step_id.parse_step_line(other) is None, other
+    path = step_id.write_prolog(tmp_path, "askapflows-pool-x")
+    assert path == tmp_path / "askapflows-pool-x.srun-prolog" and os.access(path, os.X_OK)
+    # what srun does with it: runs it with the step's env and the step's command as arguments
+    r = subprocess.run([str(path), "hostname"], capture_output=True, text=True,
+                       env={**os.environ, "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "2"})
+    assert r.returncode == 0 and r.stdout == ""
+    assert step_id.parse_step_line(r.stderr) == "7.2"
+    # a site's SrunProlog still runs (--prolog replaces it), with srun's arguments
+    site = tmp_path / "site.sh"
+    site.write_text('#!/bin/sh\necho "site $*"\nexit 3\n')
+    site.chmod(0o755)
+    path = step_id.write_prolog(tmp_path, "p2", str(site))
+    r = subprocess.run([str(path), "a", "b c"], capture_output=True, text=True,
+                       env={**os.environ, "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "4"})
+    assert (r.returncode, r.stdout, step_id.parse_step_line(r.stderr)) == (3, "site a b c\n", "7.4")
+    config = "SrunEpilog              = (null)\nSrunProlog              = /etc/slurm/p.sh\n"
+    assert step_id.parse_site_prolog(config) == "/etc/slurm/p.sh"
+    assert step_id.parse_site_prolog("SrunProlog              = (null)\n") is None
+    step_id.remove(path)
+    assert not path.exists()
+
+
+def test_the_step_line_is_taken_out_of_the_relayed_lines():
+    from askap_flows.step_id import StepIdCatcher
+
+    seen, counted, logged = [], [], []
+
+    class Logger:
+        def info(self, fmt, *a):
+            logged.append(fmt % a)
+
+    catcher = StepIdCatcher()
+    handler = catcher.wrap(seen.append, Logger(), lambda: counted.append(1))
+    for line in ("launching: srun ...", "askap_flows: SLURM step 9.1", "rank 0 of 2"):
+        handler((0.0, {"level": "warning", "line": line}))
+    assert catcher.step_id == "9.1" and logged == ["SLURM job step 9.1"] and counted == [1]
+    assert [e[1]["line"] for e in seen] == ["launching: srun ...", "rank 0 of 2"]
+
+
+def test_the_pool_artifact_and_progress_text():
+    from askap_flows.pool_record import (
+        PoolView,
+        artifact_key,
+        pool_markdown,
+        progress_text,
+        step_row,
+    )
+
+    v = PoolView("5", "askapflows-pool-ab12", ("node1", "node2"), 4, "00:10:00",
+                 "http://h:8787/status", "closed", running=2, waiting=1, done=4, failed=0)
+    assert progress_text(v) == "pool job 5: 2 running, 1 waiting, 4 done, 0 failed"
+    md = pool_markdown(v)
+    assert md.startswith("### Allocation pool: SLURM job 5\n")
+    for row in ("| state | closed |", "| SLURM job | 5 |", "| job name | `askapflows-pool-ab12` |",
+                "| nodes | node1,node2 (2 x 4 CPUs) |", "| walltime | 00:10:00 |",
+                "| Dask dashboard | [http://h:8787/status](http://h:8787/status) |",
+                "| steps | 4 done, 0 failed, 2 running, 1 waiting |"):
+        assert row in md.splitlines(), (row, md)
+    assert artifact_key("askapflows-pool-ab12") == "askapflows-pool-ab12"
+    assert artifact_key("My_Site.pool-AB") == "my-site-pool-ab"
+    assert step_row("5", "5.2", "askapflows-pool-ab12", ["node1"], None) == {
+        "slurm_job_id": "5", "slurm_step_id": "5.2", "job_name": "askapflows-pool-ab12",
+        "nodes": "node1", "dashboard": ""}
+
+
+def test_no_pool_artifact_outside_a_flow_run(monkeypatch):
+    from askap_flows import pool_record
+
+    said = []  # (Prefect 2's logging setup stops askap_flows' records before caplog)
+    monkeypatch.setattr(pool_record.log, "info", lambda fmt, *a: said.append(fmt % a))
+    v = pool_record.PoolView("5", "askapflows-pool-x", ("node1",), 4, "00:10:00", None, "open")
+    assert pool_record.record_pool(v) is False
+    assert "outside a flow run: no artifact" in said[0]

@@ -42,6 +42,8 @@ class MPIRunResult:
     ranks: list[mpi.RankRecord] = field(default_factory=list)
     #: seconds per phase: checks, prefect_start, cluster_start, worker_wait, srun, teardown, total
     timings: dict[str, float] = field(default_factory=dict)
+    #: the SLURM job step ``J.S`` of a step run in an allocation pool (None otherwise)
+    step_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

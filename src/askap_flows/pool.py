@@ -6,7 +6,8 @@ tracked on the job board, ``--no-kill``, the worker exec'd: the hardening of a s
 cluster) and waits for its worker. ``mpi_subflow(..., pool=pool)`` then asks the pool's node ledger
 (ledger.py) for nodes, waits its turn there (first in, first out), and runs its step from a Dask
 task on the pool's worker (``launch.mpi_step``). Each step is its own Prefect flow run
-(``mpi-pool-step``) with the allocation's job id, its nodes and the pool's dashboard as artifacts.
+(``mpi-pool-step``: pool_step.py); the pool is a markdown artifact on the flow run that opened it
+(pool_record.py). srun's ``--prolog`` names each step's SLURM step id (step_id.py).
 The job ends when the block ends (normally, on an exception, SIGINT or SIGTERM); after a SIGKILL
 ``askap-flows cleanup`` finds it by its name (``<prefix>-pool-<token>``).
 """
@@ -27,10 +28,12 @@ from typing import Any
 import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
 import distributed
 
-from . import board, jobs, mpi, ports, runners, slurm, slurm_query, watch
+from . import board, clusters, jobs, mpi, ports, runners, slurm, slurm_query, step_id, watch
 from .errors import AskapFlowsError
 from .host import log_dir as job_log_dir
 from .ledger import LedgerError, NodeLedger
+from .pool_command import pool_cluster_kwargs, step_cpus
+from .pool_record import PoolView, record_pool
 from .resolve import resolve
 from .spec import AllocationSpec, MPISpec, walltime_seconds
 
@@ -47,47 +50,34 @@ class PoolError(AskapFlowsError, RuntimeError):
     """A step the pool refuses (too large, too long for the time left) or a pool that failed."""
 
 
-# --------------------------------------------------------------------------- pure renderers
-def step_cpus(spec: MPISpec) -> int:
-    """CPUs a step takes on each of its nodes: its ranks per node x cpus_per_task."""
-    per_node = spec.ntasks_per_node or -(-spec.ntasks // spec.nodes)
-    return per_node * (spec.cpus_per_task or 1)
-
-
-def step_spec(spec: MPISpec, nodes: list[str]) -> MPISpec:
-    """The spec of a step inside the pool's job: srun on exactly the assigned nodes and CPUs."""
-    extra = ("--exact", f"--nodelist={','.join(nodes)}")
-    return dataclasses.replace(spec, launcher="srun", launcher_args=extra + spec.launcher_args)
-
-
-def step_command(spec: MPISpec, program: str, nodes: list[str]) -> list[str]:
-    """The command line a pooled step runs (what ``launch.mpi_step`` will run for it)."""
-    return mpi.launch_command(step_spec(spec, nodes), program)
-
-
-def pool_cluster_kwargs(alloc: AllocationSpec, job_name: str, log_dir, ports_=(0, 0)) -> dict:
-    """SLURMCluster arguments of the pool's job: a sub-flow's, plus ``--no-kill`` (a dead node
-    fails only the steps on it) and a worker thread for every step that can run at once."""
-    cpus = alloc.ntasks_per_node * alloc.cpus_per_task
-    alloc = dataclasses.replace(alloc, cores=max(alloc.cores, alloc.nodes * cpus))
-    kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=ports_[0],
-                                      dashboard_port=ports_[1])
-    kwargs["job_extra_directives"] = ["--no-kill"] + kwargs["job_extra_directives"]
-    return kwargs
-
-
 # --------------------------------------------------------------------------- the pool
 class Pool:
     """An open allocation: its job, its worker's client, its nodes' ledger, its deadline."""
 
     def __init__(self, alloc: AllocationSpec, profile, handle: jobs.RunHandle, client,
-                 job_id: str, nodes: list[str], deadline: float, dashboard: str | None) -> None:
+                 job_id: str, nodes: list[str], deadline: float, dashboard: str | None,
+                 prolog=None) -> None:
         self.alloc, self.profile, self.handle, self.client = alloc, profile, handle, client
         self.job_id, self.deadline, self.dashboard = job_id, deadline, dashboard
+        self.prolog = prolog  # the srun --prolog that names each step (step_id.py)
         self.ledger = NodeLedger(nodes, alloc.ntasks_per_node * alloc.cpus_per_task)
         self._cond = threading.Condition()
         self._failed: dict[int, str] = {}  # ticket -> why it can no longer run
         self._steps = 0
+        self.done = self.failed = 0  # steps (sub-flow runs) that ended
+
+    def step_ended(self, ok: bool) -> None:
+        with self._cond:
+            self.done += ok
+            self.failed += not ok
+
+    def view(self, state: str = "open") -> PoolView:
+        """What the UI's artifact and the progress line show (pool_record.py)."""
+        with self._cond:
+            return PoolView(self.job_id, self.job_name, tuple(self.ledger.nodes),
+                            self.ledger.cpus_per_node, self.alloc.walltime, self.dashboard, state,
+                            len(self.ledger.running), len(self.ledger.queue), self.done,
+                            self.failed)
 
     @property
     def job_name(self) -> str:
@@ -234,6 +224,8 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
     token = uuid.uuid4().hex[:10]
     job_name, log_dir = f"{alloc.job_name_prefix}-pool-{token}", job_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
+    prolog = step_id.write_prolog(log_dir, job_name, step_id.site_srun_prolog(
+        clusters.members(alloc.clusters)[0]))
     slurm_query.test_submit(slurm.render_job_script(
         pool_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-pool-check", log_dir)))
     handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend,
@@ -260,13 +252,14 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
             held_nodes = slurm_query.hostnames(env["SLURM_JOB_NODELIST"])
             dashboard = runners.dashboard_url(client)
             pool = Pool(alloc, profile, handle, client, env["SLURM_JOB_ID"], held_nodes,
-                        submitted + walltime_seconds(alloc.walltime), dashboard)
+                        submitted + walltime_seconds(alloc.walltime), dashboard, prolog)
             log.info("allocation pool: SLURM job %s (%s) on %s; Dask dashboard %s",
                      pool.job_id, job_name, ",".join(held_nodes), dashboard)
             _pools[job_name] = pool
+            record_pool(pool.view("open"))
             yield pool
         finally:
-            _pools.pop(job_name, None)
+            opened = _pools.pop(job_name, None)
             try:
                 for closing in (client, cluster):
                     try:
@@ -277,8 +270,11 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                 jobs.cancel_named(job_name, clusters_=alloc.clusters)
             finally:
                 b.untrack(job_name)
+                step_id.remove(prolog)
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
+            if opened is not None and not runners.shutting_down.is_set():
+                record_pool(opened.view("closed"))  # after the cancel: the API may be slow
 
 
 def _wait_for_worker(client, handle: jobs.RunHandle) -> None:

@@ -1,9 +1,10 @@
 """One MPI step in a warm allocation (pool.py), as its own Prefect sub-flow run.
 
 The flow (``mpi-pool-step``) waits for nodes in the pool's ledger, runs the step from a Dask task
-on the pool's worker (``launch.mpi_step`` with ``srun --exact --nodelist ...``), writes its lines
-to the task's log, and records the allocation's job id, its nodes and the pool's dashboard. A step
-whose node died fails with JobLost naming the node, and the pool stops using that node.
+on the pool's worker (``launch.mpi_step`` with ``srun --exact --nodelist ... --prolog ...``),
+writes its lines to the task's log, and records the allocation's job id, the step's SLURM step id
+(its prolog's line: step_id.py), its nodes and the pool's dashboard. A step whose node died fails
+with JobLost naming the node, and the pool stops using that node.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
 from . import clusters, launch, runners, slurm, slurm_query, watch
-from .flows import MPIRunResult, _record_job
+from .flows import MPIRunResult
 from .mpi_run import LineCount
-from .pool import Pool, PoolError, get, step_spec
+from .pool import Pool, PoolError, get
+from .pool_command import step_spec
+from .pool_record import record_step
 from .spec import MPISpec
+from .step_id import StepIdCatcher
 
 
 @task(name="mpi-pool-run")
@@ -26,11 +30,11 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
              nodes: list[str]) -> dict:
     """The step, launched from a Dask task on the pool's worker; its lines to this task's log."""
     pool, logger = open_pool(pool_name), get_run_logger()
-    topic, relayed = f"askap-mpi-{uuid.uuid4().hex}", LineCount()
-    pool.client.subscribe_topic(topic, relayed.relay_to(logger))
+    topic, relayed, step = f"askap-mpi-{uuid.uuid4().hex}", LineCount(), StepIdCatcher()
+    pool.client.subscribe_topic(topic, step.wrap(relayed.relay_to(logger), logger, relayed.add))
     try:
-        future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes), program, check_ranks,
-                                    topic, pure=False)
+        future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes, pool.prolog), program,
+                                    check_ranks, topic, pure=False)
         job = watch.watch_job(future, pool.handle, logger, runners.shutting_down.is_set)
         try:
             data = future.result()
@@ -50,7 +54,7 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
                 f"task's own error: {type(exc).__name__}: {first}", job_id=pool.job_id,
                 state="NODE_FAIL", reason=which, nodes=nodes, failed_nodes=list(failed)) from exc
         relayed.wait_for(data["lines"], quiet_after=5.0)
-        return data
+        return {**data, "step_id": step.step_id}
     finally:
         pool.client.unsubscribe_topic(topic)
 
@@ -70,16 +74,21 @@ def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, na
         create_link_artifact(  # type: ignore[unused-coroutine, unused-ignore]
             link=pool.dashboard, link_text="Dask dashboard (pool)",
             description=f"Dask dashboard of pool job {pool.job_id}.")
-    ticket, nodes = pool.acquire(spec, logger)
-    started = time.time()
     try:
-        logger.info("step of pool job %s on %s", pool.job_id, ",".join(nodes))
-        data = run_step(spec, program, check_ranks, pool_name, nodes)
-    finally:
-        pool.release(ticket)
-    _record_job(pool.job_id, pool.job_name, nodes, pool.dashboard)
+        ticket, nodes = pool.acquire(spec, logger)
+        started = time.time()
+        try:
+            logger.info("step of pool job %s on %s", pool.job_id, ",".join(nodes))
+            data = run_step(spec, program, check_ranks, pool_name, nodes)
+        finally:
+            pool.release(ticket)
+    except BaseException:
+        pool.step_ended(ok=False)
+        raise
+    pool.step_ended(ok=True)
+    record_step(pool.job_id, data["step_id"], pool.job_name, nodes, pool.dashboard)
     return MPIRunResult(
         name=name, backend="slurm", job_id=pool.job_id, nodes=nodes, dashboard=pool.dashboard,
         exit_code=data["exit_code"], seconds=data["seconds"], command=data["command"],
         ranks=data["ranks"], timings={"queue_wait": started - called, "srun": data["seconds"],
-                                      "total": time.time() - called})
+                                      "total": time.time() - called}, step_id=data["step_id"])

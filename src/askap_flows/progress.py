@@ -1,7 +1,8 @@
 """Progress of the main job: a live line on a terminal, plain lines otherwise.
 
 On a terminal the bottom line is redrawn in place (carriage return) about once a second:
-``[  12s] 3 queued, 2 running, 4 done, 1 failed | SLURM jobs 123, 124``. Each sub-flow that
+``[  12s] 3 queued, 2 running, 4 done, 1 failed | SLURM jobs 123, 124``, and with an allocation
+pool ``| pool job 5: 2 running, 1 waiting, 4 done, 0 failed`` (its steps). Each sub-flow that
 ends also leaves a permanent line above it. When the output is not a terminal (a batch job's log,
 a pipe) only the plain lines are written, one per event, so logs stay readable.
 """
@@ -17,13 +18,13 @@ CLEAR = "\r\x1b[K"  # back to column 0, clear to the end of the line
 
 
 def status_line(elapsed: float, queued: int, running: int, done: int, failed: int,
-                job_ids: Iterable[str] = ()) -> str:
-    """The live line (pure)."""
+                job_ids: Iterable[str] = (), pool: str | None = None) -> str:
+    """The live line (pure). ``pool``: the pool's own counts (pool_record.progress_text)."""
     line = f"[{elapsed:5.0f}s] {queued} queued, {running} running, {done} done, {failed} failed"
     ids = sorted(job_ids, key=lambda j: (len(j), j))
     if ids:
         line += " | SLURM job" + ("s " if len(ids) > 1 else " ") + ", ".join(ids)
-    return line
+    return f"{line} | {pool}" if pool else line
 
 
 class Progress:
@@ -31,6 +32,7 @@ class Progress:
 
     ``job_ids()``: the SLURM job ids of the sub-flows running now (polled every ``poll`` seconds
     on a terminal, from a background thread; never called when the stream is not a terminal).
+    ``pool``: set to a callable giving an allocation pool's counts while one is open.
     """
 
     def __init__(self, total: int, stream: TextIO, tty: bool | None = None,
@@ -50,6 +52,7 @@ class Progress:
         self.interval = interval
         self.poll = poll
         self._thread: threading.Thread | None = None
+        self.pool: Callable[[], str] | None = None
 
     # ----------------------------------------------------------------- events
     def started(self, index: int, name: str) -> None:
@@ -92,7 +95,9 @@ class Progress:
         return f"{q} queued, {r} running, {d} done, {f} failed"
 
     def _redraw(self) -> None:
-        line = status_line(time.monotonic() - self._t0, *self.counts(), self._ids)
+        pool = self.pool
+        line = status_line(time.monotonic() - self._t0, *self.counts(), self._ids,
+                           pool() if pool is not None else None)
         self._write(f"{CLEAR}{line}")
 
     def _write(self, text: str) -> None:

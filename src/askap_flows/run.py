@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import database, interrupt, mpi, slurm, slurm_query
+from . import database, interrupt, mpi, run_pool, slurm, slurm_query
 from . import server as server_mod
 from .interrupt import EXIT_INTERRUPTED
 from .progress import Progress
@@ -67,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--program", metavar="PATH",
                    help="MPI executable to run (default: the packaged check program, "
                         "built if missing)")
+    p.add_argument("--pool", type=int, metavar="NODES",
+                   help="run the sub-flows as srun job steps of ONE held SLURM job of NODES "
+                        "nodes (an allocation pool: no queue wait per sub-flow); needs "
+                        "--backend slurm")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (a 'subflows' list) instead of the summary table")
     p.add_argument("--verbose", action="store_true", help="show Prefect's own log lines too")
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve(args.profile, backend=args.backend, nodes=args.nodes,
                            ntasks=args.ntasks, say=lambda note: say(f"note: {note}"))
         alloc, spec = resolved.allocation_spec(), resolved.mpi_spec()
+        run_pool.check(args.pool, args.backend, spec)
         home = prepare_environment()
         if args.backend == "slurm":
             slurm_query.check_available(alloc.clusters)
@@ -187,10 +192,12 @@ def _run(args, alloc, spec, program, say) -> int:
 
     @flow(name="askap-pipeline", validate_parameters=False)
     def pipeline(n: int, max_concurrent: int) -> list:  # of composition.Outcome
-        calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
-                                    profile=args.profile, program=program, name=names[i]))
-                 for i in range(n)]
-        return run_subflows(calls, max_concurrent=max_concurrent, on_done=on_done)
+        with run_pool.pool(args.pool, args.profile, alloc, progress) as pool:
+            calls = [tracked(i, partial(mpi_subflow, spec, alloc, backend=args.backend,
+                                        profile=args.profile, program=program, name=names[i],
+                                        pool=pool))
+                     for i in range(n)]
+            return run_subflows(calls, max_concurrent=max_concurrent, on_done=on_done)
 
     say(f"running {args.subflows} sub-flow(s), backend {args.backend}, at most "
         f"{args.max_concurrent} at once, {spec.ntasks} ranks on {spec.nodes} node(s) each ...")
