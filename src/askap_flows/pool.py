@@ -14,7 +14,6 @@ The job ends when the block ends (normally, on an exception, SIGINT or SIGTERM);
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
