@@ -8,7 +8,7 @@ import pytest
 
 from askap_flows import board, slurm, slurm_query
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.once]  # the job board: no Prefect
 
 
 class Recorded:

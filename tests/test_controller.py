@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT
 from test_faults import script, wait_for
 
-pytestmark = pytest.mark.slurm
+# once: the job board, the retried sbatch/scancel/srun and slurmctld do not depend on Prefect's major
+pytestmark = [pytest.mark.slurm, pytest.mark.once]
 TESTBED = ROOT / "scripts" / "slurm_testbed.sh"
 
 

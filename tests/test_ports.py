@@ -12,7 +12,7 @@ import pytest
 
 from askap_flows import ports
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.once]  # port allocation: no Prefect
 
 
 def test_reserved_ports_are_distinct_and_held(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from askap_flows import shell
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.once]  # subprocesses only: no Prefect
 
 
 def test_lines_are_streamed_as_they_come():
