@@ -16,7 +16,7 @@ from prefect.artifacts import create_link_artifact
 
 from . import clusters, launch, runners, slurm, slurm_query, watch
 from .flows import MPIRunResult, _record_job
-from .mpi_run import LineCount
+from .mpi_run import LineCount, job_ended, stop_step
 from .pool import Pool, PoolError, get, step_spec
 from .spec import MPISpec
 
@@ -28,6 +28,7 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
     pool, logger = open_pool(pool_name), get_run_logger()
     topic, relayed = f"askap-mpi-{uuid.uuid4().hex}", LineCount()
     pool.client.subscribe_topic(topic, relayed.relay_to(logger))
+    future = None
     try:
         future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes), program, check_ranks,
                                     topic, pure=False)
@@ -51,6 +52,10 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
                 state="NODE_FAIL", reason=which, nodes=nodes, failed_nodes=list(failed)) from exc
         relayed.wait_for(data["lines"], quiet_after=5.0)
         return data
+    except BaseException:  # a timeout or an interrupt: the step must not run on
+        if future is not None and not future.done():
+            stop_step(pool.client, future, topic, relayed, job_ended(pool.handle))
+        raise
     finally:
         pool.client.unsubscribe_topic(topic)
 
