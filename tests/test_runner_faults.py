@@ -218,7 +218,7 @@ def timed_step(arg: str):
     job_id = flow_runner.current_cluster().handle.job().job_id  # type: ignore[union-attr]
     while steps_of(job_id) and time.monotonic() - failed < 30:
         time.sleep(0.25)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     AFTER.update(job_id=job_id, steps=steps_of(job_id), gone_after=time.monotonic() - failed,
                  left=[line for line in ps.splitlines() if arg in line])
     return state  # the flow run fails with the task's timeout
