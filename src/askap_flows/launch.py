@@ -32,11 +32,12 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
     timed out; with the first failing rank as hint) or mpi.MPIError (the ranks' world is wrong).
     """
     send = _sender(topic)
-    stop = _stop_check(topic)
+    stop, close = _stop_check(topic)
     try:
         return _step(spec, program, check_ranks, send, stop)
     finally:
         send("end", "")
+        close()
 
 
 def stop_event(topic: str) -> str:
@@ -45,12 +46,19 @@ def stop_event(topic: str) -> str:
 
 
 def _stop_check(topic: str | None):
-    """A function that says whether the flow asked the step to stop (None: no topic, no asking)."""
+    """(a function that says whether the flow asked the step to stop, a close for it); no topic
+    or no scheduler to ask: (None, a no-op). The step's own client is not the default one: the
+    worker's (``get_client()``) became the process's default client, and with in-process workers
+    (the local backend) a later sub-flow's task runner connected to that stale cluster."""
     if topic is None:
-        return None
-    from distributed import Event, get_client
+        return None, lambda: None
+    from distributed import Client, Event, get_worker
 
-    event = Event(stop_event(topic), client=get_client())  # the worker's own client
+    try:
+        client = Client(get_worker().scheduler.address, set_as_default=False, timeout=30)
+    except Exception:  # noqa: BLE001 - the step still runs; only its stop cannot be asked for
+        return None, lambda: None
+    event = Event(stop_event(topic), client=client)
 
     def asked() -> bool:
         try:
@@ -58,7 +66,13 @@ def _stop_check(topic: str | None):
         except Exception:  # noqa: BLE001 - no scheduler to ask: the job is ending anyway
             return False
 
-    return asked
+    def close() -> None:
+        try:
+            client.close(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
+
+    return asked, close
 
 
 def _step(spec: MPISpec, program: str, check_ranks: bool, send, stop) -> dict:

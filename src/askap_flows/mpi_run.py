@@ -43,8 +43,6 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
         future = client.submit(launch.mpi_step, spec, program, check_ranks, topic, pure=False)
         job = watch.watch_job(future, run, logger, runners.shutting_down.is_set) \
             if slurm_run else None
-        while not watch.future_done(future, 0.5):  # not result(): a timeout must reach us here
-            pass
         try:
             data = watch.result(future, job, run)
         except Exception:
