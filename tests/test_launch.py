@@ -1,6 +1,9 @@
 """The worker's MPI step (launch.py) against a stand-in `srun` that fails the way the real one
 does while slurmctld is down (recorded on the test bed: tests/test_controller.py)."""
 
+import os
+import time
+
 import pytest
 
 from askap_flows import launch, shell
@@ -62,3 +65,54 @@ def test_other_srun_failures_are_not_launched_again(tmp_path, monkeypatch):
     with pytest.raises(shell.CommandError, match="Invalid job id"):
         launch.mpi_step(SPEC, program(tmp_path), False, None)
     assert count.read_text().strip() == "1"
+
+
+class Lines:
+    """A stand-in for the task's Prefect logger."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def info(self, fmt, line) -> None:
+        self.seen.append(line)
+
+    warning = info
+
+
+def test_a_step_its_task_gives_up_on_is_killed_reports_its_end_and_is_not_launched_again(
+        tmp_path, monkeypatch):
+    """What run_mpi does when Prefect's timeout_seconds (or an interrupt) raises in its thread:
+    the worker kills srun's group within seconds and says so, and its "end" event arrives. The
+    stand-in srun also printed the controller-outage error, after which a failed step would be
+    launched again: a stopped one is not."""
+    import distributed
+
+    from askap_flows import mpi_run
+
+    count, pidfile = tmp_path / "count", tmp_path / "rank.pid"
+    count.write_text("0")
+    srun = tmp_path / "srun"
+    srun.write_text(f"#!/bin/bash\necho $(($(cat '{count}') + 1)) > '{count}'\n"
+                    f"echo '{DOWN}' >&2\nsleep 300 & echo $! > '{pidfile}'; wait\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    topic, relayed, lines = "askap-mpi-test-stop", mpi_run.LineCount(), Lines()
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as c, \
+            distributed.Client(c, set_as_default=False) as client:
+        client.subscribe_topic(topic, relayed.relay_to(lines))
+        future = client.submit(launch.mpi_step, MPISpec(launcher="srun", nodes=1, ntasks=1,
+                                                        timeout=120), program(tmp_path), False,
+                               topic, pure=False)
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline and not future.done(), future
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert mpi_run.stop_step(client, future, topic, relayed)
+        took = time.monotonic() - started
+        time.sleep(0.5)
+        assert count.read_text().strip() == "1", "the stopped step was launched again"
+    assert took < shell.STOP_POLL + 8, took
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
+    assert any("stopped by its Prefect task" in line for line in lines.seen), lines.seen

@@ -68,3 +68,25 @@ def test_output_that_arrives_after_the_process_ended_is_kept():
     itself has exited: everything up to EOF is read (it was once cut off after 10 s)."""
     res = shell.run(["bash", "-c", "(sleep 12; echo late) & echo early"])
     assert res.stdout.splitlines() == ["early", "late"]
+
+
+def test_a_command_its_caller_stops_is_killed_with_its_group(tmp_path):
+    """``stop`` is how a Dask worker ends an MPI step whose Prefect task timed out: the step's
+    srun (and all its group) must die, not run on holding the job's nodes."""
+    pidfile = tmp_path / "child.pid"
+    asked = time.monotonic() + 1.5
+    t0 = time.monotonic()
+    with pytest.raises(shell.CommandError, match="was stopped by its caller and killed"):
+        shell.run(["bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], kill_grace=1,
+                  stop=lambda: time.monotonic() > asked)
+    assert time.monotonic() - t0 < 1.5 + shell.STOP_POLL + 2
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
+
+
+def test_a_stop_that_cannot_be_asked_does_not_stop_the_command():
+    def broken() -> bool:
+        raise ConnectionError("the scheduler is gone")
+
+    assert shell.run(["bash", "-c", "sleep 1.5; echo done"], stop=broken).stdout == "done"

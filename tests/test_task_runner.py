@@ -176,85 +176,12 @@ def test_mpi_task_runs_steps_across_the_jobs_nodes(hello_program, no_jobs_left):
     assert len(second["ranks"]) == 2 and {r.size for r in second["ranks"]} == {2}
 
 
-@flow(name="mpi-sleep")
-def mpi_sleep() -> dict:
-    return askap_flows.mpi_task({"nodes": 3, "ntasks": 3, "args": ["300"]}, program="/bin/sleep")
-
-
-def test_scancel_fails_the_mpi_task_with_the_slurm_state(no_jobs_left):
-    prefix = unique("scancel")
-    runner = askap_flows.task_runner("testbed", job_name_prefix=prefix)
-    cancelled: list[float] = []
-
-    def cancel() -> None:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            running = [i for i, s in jobs_named(prefix) if s == "RUNNING"]
-            steps = subprocess.run(["squeue", "-h", "-s", "-o", "%i"], capture_output=True,
-                                   text=True).stdout.split()
-            if running and any(s.startswith(f"{running[0]}.0") for s in steps):
-                cancelled.append(time.monotonic())
-                subprocess.run(["scancel", running[0]], check=True)
-                return
-            time.sleep(0.5)
-
-    canceller = threading.Thread(target=cancel, daemon=True)
-    canceller.start()
-    with pytest.raises(Exception) as err:
-        mpi_sleep.with_options(task_runner=runner)()
-    failed = time.monotonic()
-    canceller.join()
-    assert cancelled, "the MPI step never started"
-    text = str(err.value)
-    assert "was cancelled while its sub-flow was running (state CANCELLED" in text, text
-    print(f"the task failed {failed - cancelled[0]:.1f} s after scancel")
-
-
 def test_doctor_checks_a_profile_in_dask_jobqueues_form():
     r = subprocess.run([sys.executable, "-m", "askap_flows.cli", "doctor", "--profile",
                         str(CLUSTERS / "mpi.yaml")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
     assert " OK " in rows["profile"] and "3 wanted" in rows["partition"], r.stdout
-
-
-@task
-def nap(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-@flow(name="plain-task")
-def plain_task_flow() -> None:
-    nap.submit(300).result()
-
-
-def test_scancel_fails_a_plain_task_of_the_mpi_shape_with_the_slurm_state(no_jobs_left):
-    prefix = unique("plain")
-    runner = askap_flows.task_runner("testbed", nodes=1, ntasks_per_node=1,
-                                     job_name_prefix=prefix)
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            plain_task_flow.with_options(task_runner=runner)()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - the flow's failure is the result
-            outcome.append(exc)
-
-    flow_thread = threading.Thread(target=run, daemon=True)
-    flow_thread.start()
-    deadline = time.monotonic() + 90
-    while not any(s == "RUNNING" for _, s in jobs_named(prefix)):
-        assert flow_thread.is_alive() and time.monotonic() < deadline, outcome
-        time.sleep(0.5)
-    time.sleep(5)  # the task is running on the job's worker
-    subprocess.run(["scancel", "--name", jobs_named_full(prefix)], check=True)
-    cancelled = time.monotonic()
-    flow_thread.join(timeout=120)  # without the watch the flow run waits for a worker forever
-    assert not flow_thread.is_alive(), "the flow run still waits for its lost job's worker"
-    print(f"the flow failed {time.monotonic() - cancelled:.1f} s after scancel")
-    assert outcome and outcome[0] is not None
-    assert "state CANCELLED" in str(outcome[0]), repr(outcome[0])
 
 
 def jobs_named_full(prefix: str) -> str:

@@ -244,3 +244,47 @@ def test_mpi_task_outside_a_runners_flow_says_how_to_use_it():
 
     with pytest.raises(RuntimeError, match="task_runner is askap_flows.task_runner.*MPI shape"):
         runner_mpi.mpi_task.fn({"nodes": 1, "ntasks": 1})
+
+
+@pytest.mark.parametrize("state,sinfo,said", [
+    ("CANCELLED", "node1|idle|none\n", "was cancelled while its flow run was running (state "
+     "CANCELLED"),
+    ("TIMEOUT", "node1|idle|none\n", "reached its walltime (00:01:00) and SLURM ended it (state "
+     "TIMEOUT). Raise the walltime of the task runner's cluster"),
+    ("NODE_FAIL", "node1|down*|Not responding\n", "lost node(s) node1 while its flow run was "
+     "running"),
+])
+def test_a_lost_jobs_message_under_the_runner_speaks_of_the_flow_run(monkeypatch, state, sinfo,
+                                                                    said):
+    from askap_flows import board, slurm, slurm_query
+
+    monkeypatch.setattr(slurm, "hostnames", lambda nodelist: ["node1"])
+    monkeypatch.setattr(slurm, "node_problems",
+                        lambda nodes, cluster="": slurm_query.classify_nodes(sinfo))
+    job = board.JobState("77", "run-x", state, "None", "node1", "00:01:00")
+    text = str(slurm.job_lost(job, "run-x", "/logs/run-x-77.err", runner=True))
+    assert said in text, text
+    assert "sub-flow" not in text and "mpi_subflow" not in text, text
+
+
+def test_the_lost_job_watch_starts_once_however_often_the_cluster_is_entered(monkeypatch):
+    """Prefect 3 enters the runner's cluster with ``with``, and distributed's Cluster.__enter__
+    runs __aenter__: RunCluster's watch was started twice, and the first one outlived the run."""
+    import threading
+    import types
+
+    from askap_flows import runner_watch
+    from askap_flows.flow_runner import RunCluster
+
+    cluster = object.__new__(RunCluster)  # no SLURM: only what askap_watch reads
+    cluster.askap_resolved = types.SimpleNamespace(adapt_kwargs={})  # the MPI shape
+    cluster.askap_job_name, cluster.askap_log_dir = "p-once", "/logs"
+    cluster._askap_watch = runner_watch.LostJobWatch("", "", "")
+    monkeypatch.setattr(RunCluster, "scheduler_address", property(lambda self: "tcp://x:1"))
+    try:
+        cluster.askap_watch()
+        cluster.askap_watch()
+        named = [t for t in threading.enumerate() if t.name == "askap-watch-p-once"]
+        assert len(named) == 1, named
+    finally:
+        cluster._askap_watch.stop()

@@ -88,7 +88,7 @@ class RunCluster(SLURMCluster):
     def handle(self) -> jobs.RunHandle:
         """The run's job facts, as the watch and the MPI task use them."""
         return jobs.RunHandle(self.askap_token, self.askap_job_name, self.askap_log_dir,
-                              self.askap_resolved.start_timeout, "slurm")
+                              self.askap_resolved.start_timeout, "slurm", runner=True)
 
     def askap_release(self) -> None:
         """Cancel every job of this run (by name), untrack it, free its ports. Idempotent."""
@@ -103,8 +103,10 @@ class RunCluster(SLURMCluster):
 
     def askap_watch(self) -> None:
         """The MPI shape: a job that ends under the run fails the run's tasks (runner_watch.py).
-        Adaptive jobs end by design (adapt scales them down): there Dask moves the work."""
-        if not self.askap_resolved.adapt_kwargs:
+        Adaptive jobs end by design (adapt scales them down): there Dask moves the work.
+        Idempotent: a synchronous ``with`` enters twice (distributed's ``Cluster.__enter__`` runs
+        ``__aenter__``; Prefect 3 enters so), and a second watch would outlive the run."""
+        if not self.askap_resolved.adapt_kwargs and not self._askap_watch.is_alive():
             self._askap_watch = LostJobWatch(self.scheduler_address, self.askap_job_name,
                                              self.askap_log_dir)
             self._askap_watch.start()

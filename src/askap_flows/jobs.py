@@ -37,6 +37,7 @@ class RunHandle:
     start_timeout: float
     backend: str
     clusters: str | None = None  # the profile's clusters: (sbatch --clusters), None: this one
+    runner: bool = False  # a flow run's job under task_runner (not a sub-flow's): for messages
 
     def job(self) -> board.JobState | None:
         """The job once the board has seen it (the first one of this name: dask-jobqueue may

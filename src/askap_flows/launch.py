@@ -4,7 +4,11 @@ This is the only askap_flows code a SLURM job's Dask worker runs. It imports nei
 dask-jobqueue: on the worker each would cost the job seconds of start-up while it already holds
 its nodes (benchmarks/README.md). The program's output goes back line by line as Dask events on
 ``topic``; the sub-flow's Prefect task subscribes to it and writes each line to its Prefect log
-while the program runs.
+while the program runs, and a final "end" event once the step is over, whichever way.
+
+The flow side may give up on the step (Prefect's ``timeout_seconds``, an interrupt): it sets the
+Dask event ``stop_event(topic)``, which the step polls through the worker's client; srun's process
+group is then killed (its step with it) and the step is not launched again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,50 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
     timed out; with the first failing rank as hint) or mpi.MPIError (the ranks' world is wrong).
     """
     send = _sender(topic)
+    stop, close = _stop_check(topic)
+    try:
+        return _step(spec, program, check_ranks, send, stop)
+    finally:
+        send("end", "")
+        close()
+
+
+def stop_event(topic: str) -> str:
+    """The name of the Dask event that tells the step on ``topic`` to stop (distributed.Event)."""
+    return f"{topic}-stop"
+
+
+def _stop_check(topic: str | None):
+    """(a function that says whether the flow asked the step to stop, a close for it); no topic
+    or no scheduler to ask: (None, a no-op). The step's own client is not the default one: the
+    worker's (``get_client()``) became the process's default client, and with in-process workers
+    (the local backend) a later sub-flow's task runner connected to that stale cluster."""
+    if topic is None:
+        return None, lambda: None
+    from distributed import Client, Event, get_worker
+
+    try:
+        client = Client(get_worker().scheduler.address, set_as_default=False, timeout=30)
+    except Exception:  # noqa: BLE001 - the step still runs; only its stop cannot be asked for
+        return None, lambda: None
+    event = Event(stop_event(topic), client=client)
+
+    def asked() -> bool:
+        try:
+            return event.is_set()
+        except Exception:  # noqa: BLE001 - no scheduler to ask: the job is ending anyway
+            return False
+
+    def close() -> None:
+        try:
+            client.close(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
+
+    return asked, close
+
+
+def _step(spec: MPISpec, program: str, check_ranks: bool, send, stop) -> dict:
     argv = mpi.launch_command(spec, program)
     if argv[0] == "mpiexec":
         argv[0] = mpi.find_mpiexec() or _missing("mpiexec", mpi.MPI_INSTALL_HINT)
@@ -50,14 +98,20 @@ def mpi_step(spec: MPISpec, program: str, check_ranks: bool, topic: str | None) 
         srun_errors.clear()
         try:
             res = shell.run(argv, on_line=on_line, timeout=spec.timeout,
-                            env=mpi.program_env(spec))
+                            env=mpi.program_env(spec), stop=stop)
             break
         except shell.CommandError as exc:
+            if exc.reason == shell.STOPPED or (stop is not None and stop()):
+                send("warning", "the step was stopped by its Prefect task (a timeout or an "
+                                "interrupt): srun and its ranks were killed")
+                raise  # never launched again
             pause = next(pauses, None) if controller_refused_the_step(srun_errors) else None
             if pause is not None:
                 send("warning", f"srun could not reach the SLURM controller to start the step "
                                 f"(no rank started); trying again in {pause:g} s")
                 time.sleep(pause)
+                if stop is not None and stop():
+                    raise
                 continue
             hint = mpi.first_failure(srun_errors, spec.mpi_plugin)
             if not hint or exc.hint or exc.returncode is None or "timed out" in exc.reason:

@@ -1,6 +1,10 @@
 """The MPI step as a Prefect task: ``run_mpi`` runs in the sub-flow's process, hands the step to
 the sub-flow's Dask worker (``launch.mpi_step``), relays its lines to the task's Prefect log and
 lets the job free its nodes as soon as the step has returned.
+
+A task that gives up on its step (Prefect's ``timeout_seconds``, which raises in the task's
+thread, or an interrupt) stops it (``stop_step``): the worker kills srun's process group, so the
+step does not run on, holding the job's nodes, after its task has failed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from prefect import get_run_logger, task
 from . import compat, launch, runners, watch
 from .jobs import RunHandle
 from .spec import MPISpec
+
+STOP_WAIT = 20.0  # seconds a stopped step may take to report its end
+STOP_QUIET = 2.0  # ... or this long if it never sent a line (it has not started)
 
 
 @task(name="mpi-run")
@@ -43,10 +50,46 @@ def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
             raise
         relayed.wait_for(data["lines"], quiet_after=5.0)
         return data
+    except BaseException:
+        if future is not None and not future.done():
+            stop_step(client, future, topic, relayed, job_ended(run) if slurm_run else None)
+        raise
     finally:
         client.unsubscribe_topic(topic)
         if release_nodes and slurm_run and future is not None and future.done():
             _release_nodes(client, future)
+
+
+def stop_step(client, future, topic: str, relayed: LineCount, job_ended=None) -> bool:
+    """The task gives up on its running step: ask the worker to kill it (``launch.stop_event``),
+    cancel its Dask task, and wait up to STOP_WAIT s for its "end" (less if ``job_ended()``: no
+    worker is left to report; or if the step never sent a line and STOP_QUIET s pass: it has not
+    started, and the event, left set, stops it within a second if it does). True if it ended."""
+    from distributed import Event
+
+    event = Event(launch.stop_event(topic), client=client)
+    try:
+        event.set()
+        future.cancel()
+    except Exception:  # noqa: BLE001 - no scheduler left: the job and its step are gone too
+        return False
+    ended = relayed.wait_for_end(STOP_WAIT, STOP_QUIET, job_ended)
+    if ended:
+        try:
+            event.clear()  # the scheduler forgets it
+        except Exception:  # noqa: BLE001
+            pass
+    return ended
+
+
+def job_ended(run: RunHandle):
+    """A function that says whether the run's job has ended (on the job board)."""
+
+    def ended() -> bool:
+        job = run.job()
+        return job is not None and job.ended
+
+    return ended
 
 
 def _release_nodes(client, future) -> None:
@@ -69,12 +112,16 @@ class LineCount:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._n = 0
+        self.ended = False  # the step's "end" event arrived (launch.mpi_step sends it last)
 
     def relay_to(self, logger) -> Callable[[Any], None]:
         """A Dask topic handler that writes each relayed line to ``logger`` and counts it."""
 
         def relay(event) -> None:
             msg = event[1]
+            if msg["level"] == "end":
+                self.end()
+                return
             (logger.warning if msg["level"] == "warning" else logger.info)("%s", msg["line"])
             self.add()
 
@@ -84,6 +131,27 @@ class LineCount:
         with self._cond:
             self._n += 1
             self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+    def wait_for_end(self, timeout: float, quiet_after: float, gone=None) -> bool:
+        """Wait up to ``timeout`` s for the step's "end"; give up earlier once ``gone()`` is true,
+        or after ``quiet_after`` s if no line ever came. Polls in short waits, so that an
+        interrupt is not held up. True if the end came."""
+        start = time.monotonic()
+        deadline = start + timeout
+        with self._cond:
+            while not self.ended:
+                now = time.monotonic()
+                if now >= deadline or (self._n == 0 and now - start >= quiet_after):
+                    break
+                if gone is not None and gone():
+                    break
+                self._cond.wait(0.2)
+            return self.ended
 
     def wait_for(self, expected: int | None, quiet_after: float) -> None:
         """Let the step's last lines arrive: until ``expected`` were relayed (None: not known) or

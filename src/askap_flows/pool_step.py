@@ -17,7 +17,7 @@ from prefect.artifacts import create_link_artifact
 
 from . import clusters, launch, runners, slurm, slurm_query, watch
 from .flows import MPIRunResult
-from .mpi_run import LineCount
+from .mpi_run import LineCount, job_ended, stop_step
 from .pool import Pool, PoolError, get
 from .pool_command import step_spec
 from .pool_record import record_step
@@ -32,6 +32,7 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
     pool, logger = open_pool(pool_name), get_run_logger()
     topic, relayed, step = f"askap-mpi-{uuid.uuid4().hex}", LineCount(), StepIdCatcher()
     pool.client.subscribe_topic(topic, step.wrap(relayed.relay_to(logger), logger, relayed.add))
+    future = None
     try:
         future = pool.client.submit(launch.mpi_step, step_spec(spec, nodes, pool.prolog), program,
                                     check_ranks, topic, pure=False)
@@ -55,6 +56,10 @@ def run_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str,
                 state="NODE_FAIL", reason=which, nodes=nodes, failed_nodes=list(failed)) from exc
         relayed.wait_for(data["lines"], quiet_after=5.0)
         return {**data, "step_id": step.step_id}
+    except BaseException:  # a timeout or an interrupt: the step must not run on
+        if future is not None and not future.done():
+            stop_step(pool.client, future, topic, relayed, job_ended(pool.handle))
+        raise
     finally:
         pool.client.unsubscribe_topic(topic)
 

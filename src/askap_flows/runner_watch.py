@@ -49,7 +49,7 @@ class LostJobWatch(threading.Thread):
     def fail_tasks(self, job: board.JobState) -> None:
         """Log SLURM's cause of the job's end once, and fail the unfinished tasks with it."""
         err = f"{self.log_dir}/{self.job_name}-{job.job_id}.err"
-        self.lost = str(slurm.job_lost(job, self.job_name, err))
+        self.lost = str(slurm.job_lost(job, self.job_name, err, runner=True))
         log.error("%s", self.lost)
         self.cancel_unfinished()
 

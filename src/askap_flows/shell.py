@@ -21,6 +21,8 @@ from .errors import AskapFlowsError
 
 TAIL_LINES = 20
 DRAIN_SECONDS = 60.0  # after the process ended, how long its output may still arrive
+STOP_POLL = 1.0  # seconds between two calls of run()'s ``stop``
+STOPPED = "was stopped by its caller and killed"  # CommandError.reason of a stopped command
 _running: set[subprocess.Popen] = set()
 _running_lock = threading.Lock()
 _stopped: set[subprocess.Popen] = set()  # killed by terminate_all: never reported as a success
@@ -81,11 +83,14 @@ def run(
     cwd: str | None = None,
     check: bool = True,
     kill_grace: float = 5.0,
+    stop: Callable[[], bool] | None = None,
 ) -> Completed:
     """Run ``argv``; stream each output line to ``on_line(stream, line)``; return or raise.
 
     ``stream`` is "stdout" or "stderr". On timeout the process group gets SIGTERM, then SIGKILL
-    after ``kill_grace`` seconds, and CommandError(reason="timed out ...") is raised.
+    after ``kill_grace`` seconds, and CommandError(reason="timed out ...") is raised. ``stop`` is
+    asked every STOP_POLL s while the command runs; once it answers true the group is killed the
+    same way and CommandError(reason=STOPPED) is raised (an error in ``stop`` counts as false).
     """
     argv = [str(a) for a in argv]
     full_env = None if env is None else {**os.environ, **env}
@@ -131,12 +136,11 @@ def run(
     ]
     for t in readers:
         t.start()
-    timed_out = False
+    timed_out = stopped_by_caller = False
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_group(proc, kill_grace)
+        timed_out, stopped_by_caller = _wait(proc, timeout, stop)
+        if timed_out or stopped_by_caller:
+            kill_group(proc, kill_grace)
     except BaseException:  # KeyboardInterrupt, SystemExit, a cancelled thread: leave nothing
         kill_group(proc, kill_grace)
         raise
@@ -154,6 +158,8 @@ def run(
     if timed_out:
         raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail,
                            reason=f"timed out after {timeout:g} s and was killed")
+    if stopped_by_caller:
+        raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail, reason=STOPPED)
     with _running_lock:
         stopped = proc in _stopped
         _stopped.discard(proc)
@@ -163,6 +169,31 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, stdout_tail, stderr_tail)
     return Completed(argv, proc.returncode, "\n".join(out), "\n".join(err), seconds)
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None,
+          stop: Callable[[], bool] | None) -> tuple[bool, bool]:
+    """Wait for ``proc``: (timed out, stopped by ``stop``), both False once it has exited."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if stop is not None:
+            wait = STOP_POLL if wait is None else min(wait, STOP_POLL)
+        try:
+            proc.wait(timeout=wait)
+            return False, False
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                return True, False
+            if stop is not None and _asked(stop):
+                return False, True
+
+
+def _asked(stop: Callable[[], bool]) -> bool:
+    try:
+        return bool(stop())
+    except Exception:  # noqa: BLE001 - a caller that cannot be asked has not asked to stop
+        return False
 
 
 def _die_with_parent() -> None:

@@ -141,11 +141,12 @@ def render_job_script(kwargs: Mapping[str, Any], scheduler: str = "tcp://SCHEDUL
     return SLURMJob(scheduler=scheduler, name="worker", **job_kwargs).job_script()
 
 
-def job_lost(job, job_name: str, log_path: str) -> JobLost:
+def job_lost(job, job_name: str, log_path: str, runner: bool = False) -> JobLost:
     """Why a job (a ``board.JobState``) ended while its sub-flow still needed it, as a JobLost
     whose message names the job, its nodes, SLURM's state and reason, the failed nodes, and the
     fix. Retryable only when a node failed: NODE_FAIL, or a node SLURM reports down or not
-    responding (a job cancelled because its worker's node died counts too)."""
+    responding (a job cancelled because its worker's node died counts too). ``runner``: the job
+    is a flow run's, under ``task_runner`` (no mpi_subflow, no retries=N to pass)."""
     state, reason, job_id = job.state, job.reason or "unknown", job.job_id
     nodes = hostnames(job.nodelist)
     failed, other = node_problems(nodes, job.cluster)
@@ -153,25 +154,30 @@ def job_lost(job, job_name: str, log_path: str) -> JobLost:
     head = f"SLURM job {job_id}{clusters_.where(job.cluster)} ({job_name}) on {where}"
     tail = f" Its output is in {log_path}."
     note = "".join(f" ({n} is {p}: not a cause of failure)" for n, p in other.items())
+    user = "flow run" if runner else "sub-flow"
+    again = ("Run the flow again: its new flow run gets a fresh allocation" if runner else
+             "Pass retries=N to mpi_subflow to re-run on a fresh allocation")
     if failed and state != "TIMEOUT":
         which = "; ".join(f"{n} is {p}" for n, p in failed.items())
-        text = (f"{head} lost node(s) {','.join(failed)} while its sub-flow was running ({which}; "
-                f"job state {state}, reason: {reason}). Pass retries=N to mpi_subflow to re-run "
-                "on a fresh allocation without that node, and tell the cluster's admins.")
+        text = (f"{head} lost node(s) {','.join(failed)} while its {user} was running ({which}; "
+                f"job state {state}, reason: {reason}). {again} without that node, and tell the "
+                "cluster's admins.")
     elif state in RETRYABLE_STATES:
-        text = (f"{head} ended with {state} (reason: {reason}): one of its nodes failed. Pass "
-                "retries=N to mpi_subflow to re-run on a fresh allocation.")
+        text = (f"{head} ended with {state} (reason: {reason}): one of its nodes failed. "
+                f"{again}.")
     elif state == "TIMEOUT":
+        raise_it = ("the walltime of the task runner's cluster (walltime in its profile, or "
+                    "task_runner(..., walltime=...))" if runner else
+                    "the allocation's walltime in the profile")
         text = (f"{head} reached its walltime ({job.time_limit or '?'}) and SLURM ended it "
-                "(state TIMEOUT). Raise the allocation's walltime in the profile, or give the "
-                "sub-flow less work.")
+                f"(state TIMEOUT). Raise {raise_it}, or give the {user} less work.")
         failed = {}
     elif state == "CANCELLED":
-        text = (f"{head} was cancelled while its sub-flow was running (state CANCELLED, reason: "
-                f"{reason}), by scancel (you or an admin). It is not retried; run the sub-flow "
-                "again if the cancel was a mistake.")
+        text = (f"{head} was cancelled while its {user} was running (state CANCELLED, reason: "
+                f"{reason}), by scancel (you or an admin). It is not retried; run the "
+                f"{'flow' if runner else 'sub-flow'} again if the cancel was a mistake.")
     else:
-        text = f"{head} ended ({state}, reason: {reason}) while its sub-flow was still running."
+        text = f"{head} ended ({state}, reason: {reason}) while its {user} was still running."
     return JobLost(text + note + tail, job_id=job_id, state=state, reason=reason, nodes=nodes,
                    failed_nodes=list(failed))
 

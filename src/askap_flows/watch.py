@@ -76,7 +76,7 @@ def watch_job(future, run: RunHandle, logger, stopping) -> board.JobState | None
 
 
 def job_lost(job: board.JobState, run: RunHandle) -> slurm.JobLost:
-    return slurm.job_lost(job, run.job_name or "", run.err_log(job.job_id))
+    return slurm.job_lost(job, run.job_name or "", run.err_log(job.job_id), runner=run.runner)
 
 
 def result(future, job: board.JobState | None, run: RunHandle):
