@@ -140,3 +140,35 @@ def test_cleanup_finds_and_cancels_a_job_on_the_other_cluster(far_env, tmp_path)
     done = subprocess.run([*cli, "--yes"], capture_output=True, text=True, env=env, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     nothing_left(far_env, prefix)
+
+
+FAR_FLOW = """
+import json, sys
+from prefect import flow
+import askap_flows
+
+@flow(name="far-steps")
+def far_steps():
+    return askap_flows.mpi_task(None, sys.argv[2])
+
+result = far_steps.with_options(task_runner=askap_flows.task_runner(sys.argv[1]))()
+print(json.dumps({"nodes": sorted({r.processor for r in result["ranks"]}),
+                  "ranks": len(result["ranks"])}))
+"""
+
+
+def test_a_task_runner_with_clusters_runs_its_mpi_task_on_the_other_cluster(far_env, tmp_path,
+                                                                           hello_program):
+    """task_runner() with a clusters: profile: its job, its watch (the step outlasts the 10-s wait
+    for the job to appear on the board), its lost-job watch and its cancel all go with -M."""
+    prefix = f"farrun{os.getpid()}"
+    script = tmp_path / "far_flow.py"
+    script.write_text(FAR_FLOW)
+    env = {**os.environ, **far_env, "ASKAP_FLOWS_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, str(script),
+                        str(profile(tmp_path, prefix, sleep=12, start_timeout=10)),
+                        hello_program], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"nodes": ["farnode1"], "ranks": 2}
+    nothing_left(far_env, prefix)

@@ -288,8 +288,8 @@ def test_a_dead_services_process_stops_the_server(postgres, tmp_path):
 @pytest.mark.postgres
 @needs_workers
 def test_sigkill_of_the_server_command_leaves_nothing(postgres, tmp_path):
-    """A batch job's SIGKILL after KillWait: Redis, the services and the API (which stops its
-    workers) get SIGTERM from the kernel when the command dies (shell.start_background)."""
+    """A batch job's SIGKILL after KillWait: the reaper (reaper.py) sees the command die and stops
+    the API (which stops its workers), the services and Redis, in that order."""
     proc, _ = start_server(postgres, tmp_path, f"wkill{compat.PREFECT_MAJOR}", "--workers", "2")
     try:
         assert proc.stdout.readline().startswith("Prefect UI:"), proc.stderr.read()

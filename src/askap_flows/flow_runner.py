@@ -60,7 +60,7 @@ class RunCluster(SLURMCluster):
     """One flow run's SLURMCluster: its own job name and ports, its jobs tracked and cancelled."""
 
     def __init__(self, resolved: Resolved, **kwargs: Any) -> None:
-        slurm_query.check_available()
+        slurm_query.check_available(resolved.clusters)  # -M: the profile's clusters:
         self.askap_resolved = resolved
         self.askap_token = uuid.uuid4().hex[:10]
         self.askap_job_name = f"{resolved.prefix}-{self.askap_token}"
@@ -74,12 +74,12 @@ class RunCluster(SLURMCluster):
         self._askap_ports = ports.reserve(2, address or "0.0.0.0")
         self._askap_done = False
         self._askap_watch = LostJobWatch("", "", "")  # replaced once the cluster runs
-        board.board().track(self.askap_job_name)
+        board.board().track(self.askap_job_name, resolved.clusters)
         try:
             super().__init__(**cluster_kwargs(
                 resolved, self.askap_job_name, self.askap_log_dir, address,
                 *self._askap_ports.ports),
-                job_cls=jobs.BoardJob, **kwargs)  # type: ignore[arg-type]  # typed an instance
+                job_cls=jobs.board_job_class(resolved.clusters), **kwargs)  # type: ignore[arg-type]  # typed an instance
         except BaseException:
             self.askap_release()
             raise
@@ -88,7 +88,8 @@ class RunCluster(SLURMCluster):
     def handle(self) -> jobs.RunHandle:
         """The run's job facts, as the watch and the MPI task use them."""
         return jobs.RunHandle(self.askap_token, self.askap_job_name, self.askap_log_dir,
-                              self.askap_resolved.start_timeout, "slurm", runner=True)
+                              self.askap_resolved.start_timeout, "slurm",
+                              clusters=self.askap_resolved.clusters, runner=True)
 
     def askap_release(self) -> None:
         """Cancel every job of this run (by name), untrack it, free its ports. Idempotent."""
@@ -96,7 +97,7 @@ class RunCluster(SLURMCluster):
             return
         self._askap_done = True
         try:
-            jobs.cancel_named(self.askap_job_name)
+            jobs.cancel_named(self.askap_job_name, clusters_=self.askap_resolved.clusters)
         finally:
             board.board().untrack(self.askap_job_name)
             self._askap_ports.release()
