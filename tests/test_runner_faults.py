@@ -110,6 +110,16 @@ def run_in_thread(call) -> tuple[threading.Thread, list]:
     return thread, outcome
 
 
+
+def start(flow, kind: str, step: bool = False, **runner_kwargs):
+    """Run ``flow`` on its own task runner in a thread until its job runs: (prefix, flow run name,
+    thread, outcome list, job id, nodelist)."""
+    prefix, name = unique(kind), unique(f"{kind}-run")
+    runner = askap_flows.task_runner("testbed", job_name_prefix=prefix, **runner_kwargs)
+    thread, outcome = run_in_thread(flow.with_options(task_runner=runner, flow_run_name=name))
+    return (prefix, name, thread, outcome, *running_job(prefix, thread, step=step))
+
+
 def failed_after(since: float, what: str) -> float:
     """Seconds from ``since`` until the flow body saw its task fail (printed for the record)."""
     assert FAILED_AT, "the flow body never saw its task end"
@@ -124,11 +134,8 @@ def test_walltime_fails_a_task_within_seconds_and_the_flow_run(no_jobs_left):
     """The job's walltime is cut short with ``scontrol update JobId=N EndTime=now+5``: SLURM then
     ends it as TIMEOUT (reason TimeLimit) at its next time-limit check, 30-35 s later here,
     instead of the profile's walltime of minutes (a 1-minute walltime ends after 1-2 minutes)."""
-    prefix, name = unique("wall"), unique("wall-run")
-    runner = askap_flows.task_runner("testbed", nodes=1, ntasks_per_node=1, job_name_prefix=prefix)
-    thread, outcome = run_in_thread(plain_task_flow.with_options(task_runner=runner,
-                                                                 flow_run_name=name))
-    job_id, _ = running_job(prefix, thread)
+    prefix, name, thread, outcome, job_id, _ = start(plain_task_flow, "wall", nodes=1,
+                                                     ntasks_per_node=1)
     time.sleep(3)  # the task runs on the job's worker
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "EndTime=now+5"], check=True)
     ended = ended_at(job_id, ("TIMEOUT",))
@@ -144,11 +151,7 @@ def test_walltime_fails_a_task_within_seconds_and_the_flow_run(no_jobs_left):
 
 # ------------------------------------------------------------------------------ a node dies
 def test_a_lost_node_fails_the_mpi_task_with_joblost_naming_it(no_jobs_left):
-    prefix, name = unique("node"), unique("node-run")
-    runner = askap_flows.task_runner("testbed", job_name_prefix=prefix)
-    thread, outcome = run_in_thread(mpi_sleep.with_options(task_runner=runner,
-                                                           flow_run_name=name))
-    job_id, nodelist = running_job(prefix, thread, step=True)
+    _, name, thread, outcome, job_id, nodelist = start(mpi_sleep, "node", step=True)
     killed = hostnames(nodelist)[1]  # not the first: it runs the job's Dask worker
     try:
         subprocess.run(["bash", str(TESTBED), "kill-node", killed[4:], "--down-now"], check=True,
@@ -172,11 +175,7 @@ def test_a_lost_node_fails_the_mpi_task_with_joblost_naming_it(no_jobs_left):
 
 # ------------------------------------------------------------------------------ scancel
 def test_scancel_fails_the_mpi_task_with_the_slurm_state(no_jobs_left):
-    prefix, name = unique("scancel"), unique("scancel-run")
-    runner = askap_flows.task_runner("testbed", job_name_prefix=prefix)
-    thread, outcome = run_in_thread(mpi_sleep.with_options(task_runner=runner,
-                                                           flow_run_name=name))
-    job_id, _ = running_job(prefix, thread, step=True)
+    _, name, thread, outcome, job_id, _ = start(mpi_sleep, "scancel", step=True)
     subprocess.run(["scancel", job_id], check=True)
     cancelled = time.monotonic()
     thread.join(timeout=60)
@@ -189,12 +188,8 @@ def test_scancel_fails_the_mpi_task_with_the_slurm_state(no_jobs_left):
 
 
 def test_scancel_fails_a_plain_task_of_the_mpi_shape_with_the_slurm_state(no_jobs_left):
-    prefix, name = unique("plain"), unique("plain-run")
-    runner = askap_flows.task_runner("testbed", nodes=1, ntasks_per_node=1,
-                                     job_name_prefix=prefix)
-    thread, outcome = run_in_thread(plain_task_flow.with_options(task_runner=runner,
-                                                                 flow_run_name=name))
-    running_job(prefix, thread)
+    prefix, name, thread, outcome, _, _ = start(plain_task_flow, "plain", nodes=1,
+                                                ntasks_per_node=1)
     time.sleep(5)  # the task is running on the job's worker
     subprocess.run(["scancel", "--name", jobs_named_full(prefix)], check=True)
     cancelled = time.monotonic()
