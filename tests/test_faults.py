@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,12 @@ def wait_for(what, timeout: float, message: str):
             return value
         time.sleep(0.5)
     pytest.fail(f"{message} within {timeout:g} s")
+
+
+def cut_walltime(name_prefix: str) -> None:
+    """Once the job named ``name_prefix...`` runs its MPI step, let its walltime end in 5 s."""
+    job_id, _, _ = wait_for(lambda: job_of(name_prefix), 120, "the walltime job never ran its step")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "EndTime=now+5"], check=True)
 
 
 def hostnames(nodelist: str) -> list[str]:
@@ -247,7 +254,9 @@ def test_job_cancelled_from_outside_fails_its_subflow_clearly(tmp_path, hello_pr
 def test_failing_hanging_and_overtime_programs_say_what_happened(tmp_path, hello_program,
                                                                  no_jobs_left):
     """Five failing programs, a hanging one and a job that reaches its walltime, as sub-flows of
-    one parent (concurrently: SLURM takes 1-2 minutes to enforce the 1-minute walltime)."""
+    one parent. The walltime job's end is brought forward once its step runs (``scontrol update
+    EndTime=now+5``): SLURM ends it as TIMEOUT at its next time-limit check, 30-35 s later,
+    instead of the 1-2 minutes it takes to enforce the 1-minute walltime."""
     from askap_flows.flows import mpi_subflow
     from askap_flows.shell import CommandError
     from askap_flows.slurm import JobLost
@@ -294,15 +303,21 @@ sys.exit(3)
                 {"nodes": 2, "ntasks_per_node": 1, "job_name_prefix": f"fprog{tag}"},
                 backend="slurm", profile="testbed", program=hello_program, name=f"hang-{tag}"),
         partial(mpi_subflow, {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1},
-                {**alloc, "walltime": "00:01:00"}, backend="slurm", profile="testbed",
+                {**alloc, "walltime": "00:01:00", "job_name_prefix": f"fwall{tag}"},
+                backend="slurm", profile="testbed",
                 program=script(tmp_path / "sleep.sh", "#!/bin/sh\nexec sleep 600\n"),
                 name=f"walltime-{tag}"),
     ]
+    cut = threading.Thread(target=cut_walltime, args=(f"fwall{tag}",), daemon=True)
+    cut.start()
     outs = in_parent_flow(calls, len(calls))
+    cut.join(timeout=5)
     wall = outs.pop().error
     hang = outs.pop().error
     assert isinstance(wall, JobLost), repr(wall)
-    assert "reached its walltime (00:01:00)" in str(wall) and "TIMEOUT" in str(wall), str(wall)
+    # the time limit SLURM enforced (the cut one), as SLURM reports it
+    assert re.search(r"reached its walltime \(\d\d:\d\d:\d\d\)", str(wall)), str(wall)
+    assert "TIMEOUT" in str(wall), str(wall)
     assert "Raise the allocation's walltime" in str(wall)
     assert "worker" not in str(wall).lower()
     errors = [o.error for o in outs]

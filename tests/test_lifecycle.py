@@ -172,14 +172,22 @@ def test_two_runs_started_at_the_same_instant_in_one_directory_both_complete(tmp
            if k not in ("PREFECT_HOME", "PREFECT_API_URL", "ASKAP_FLOWS_HOME")}
     argv = [sys.executable, "-m", "askap_flows.run", "--subflows", "1", "--ntasks", "2",
             "--program", hello_program]
+    # three pairs side by side, each pair in a fresh directory of its own (no database yet)
+    pairs = []
     for round_ in range(3):
-        cwd = tmp_path / f"project{round_}"  # a fresh directory: no database yet
+        cwd = tmp_path / f"project{round_}"
         cwd.mkdir()
-        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env, cwd=cwd) for _ in range(2)]
-        results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
-        for code, err in results:
-            assert code == 0, f"round {round_}: {err[-3000:]}"
+        pairs.append([subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=env, cwd=cwd) for _ in range(2)])
+    try:
+        for round_, procs in enumerate(pairs):
+            for p in procs:
+                err = p.communicate(timeout=300)[1]
+                assert p.returncode == 0, f"pair {round_}: {err[-3000:]}"
+    finally:
+        for p in (p for procs in pairs for p in procs if p.poll() is None):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.unit
