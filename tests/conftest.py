@@ -148,6 +148,29 @@ def hello_program() -> str:
     return str(mpi.build_hello())
 
 
+_template_db: Path | None = None
+
+
+def migrated_home(home: Path) -> str:
+    """``home`` as an ASKAP_FLOWS_HOME whose sqlite database (this major's) is already migrated:
+    a copy of one made once per session. Migrating a fresh database adds about 10 s to a main
+    job's server start; the tests that use this are about signals, servers and cleanup. A first
+    run's migrations are tested where that is the subject (test_local's first run from an empty
+    directory, the two runs started at the same instant, the installed wheel)."""
+    global _template_db
+    from askap_flows import compat
+    from askap_flows.server import PrefectServer
+
+    if _template_db is None:
+        made = Path(_tmp_home) / "migrated"
+        PrefectServer(made).start().stop()
+        _template_db = made / "prefect.db"
+    target = Path(home) / f"prefect{compat.PREFECT_MAJOR}"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_template_db, target / "prefect.db")
+    return str(home)
+
+
 def queued_jobs() -> set[str]:
     """'name id' of every job in SLURM's queue (pending, running or completing), whatever its name."""
     out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import migrated_home
+
 SERVER_MARKS = ("server start", "create_app")  # `prefect server start`, its (or an ephemeral) uvicorn
 
 
@@ -78,7 +80,7 @@ def _sleepy_profile(tmp_path: Path) -> Path:
 
 def _start_run(tmp_path: Path, hello_program: str, *args: str) -> tuple[subprocess.Popen, ServerWatch]:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
-    env["ASKAP_FLOWS_HOME"] = str(tmp_path / "home")
+    env["ASKAP_FLOWS_HOME"] = migrated_home(tmp_path / "home")
     proc = subprocess.Popen(
         [sys.executable, "-m", "askap_flows.run", "--program", hello_program, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
@@ -226,7 +228,7 @@ def test_the_example_pipeline_gets_its_server_as_the_main_job_does(tmp_path, hel
     of their own (Prefect 3: a uvicorn child of each process; in a SLURM job, one inside the job).
     With askap_flows.prefect_server() it starts one announced server, the one all of them use."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
-    env["ASKAP_FLOWS_HOME"] = str(tmp_path / "home")
+    env["ASKAP_FLOWS_HOME"] = migrated_home(tmp_path / "home")
     (tmp_path / "home" / "bin").mkdir(parents=True)
     os.symlink(hello_program, tmp_path / "home" / "bin" / Path(hello_program).name)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "examples" / "pipeline.py")],
@@ -250,7 +252,7 @@ def _slurm_run(tmp_path: Path, hello_program: str, prefix: str) -> subprocess.Po
                        "  interface: lo\n  scheduler_interface: lo\n"
                        "mpi:\n  nodes: 1\n  ntasks: 1\n  args: ['--sleep', '120']\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
-    env["ASKAP_FLOWS_HOME"] = str(tmp_path / "home")
+    env["ASKAP_FLOWS_HOME"] = migrated_home(tmp_path / "home")
     return subprocess.Popen(
         [sys.executable, "-m", "askap_flows.run", "--backend", "slurm", "--profile", str(profile),
          "--subflows", "2", "--max-concurrent", "2", "--program", hello_program],
