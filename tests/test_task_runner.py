@@ -75,6 +75,16 @@ def test_concurrent_runs_of_one_flow_get_their_own_clusters(no_jobs_left):
         assert results[0][key] != results[1][key], (key, results)
     assert not board.board().tracked() & {r["job_name"] for r in results}
     assert jobs_named(prefix) == []
+    # each run's worker left at the run's end and its job ended by itself (not cancelled after
+    # waiting out the close's grace for a worker that nobody stopped)
+    assert [final_state(r["job_id"]) for r in results] == ["COMPLETED", "COMPLETED"]
+
+
+def final_state(job_id: str) -> str:
+    """The state SLURM still shows for an ended job (MinJobAge: 30 s on the test bed)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), out)
 
 
 @task
