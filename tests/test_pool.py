@@ -45,6 +45,10 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
         calls += [partial(mpi_subflow, small, pool=pool, name=f"pool-small{i}-{tag}")
                   for i in range(2)]
         out = in_parent_flow(calls, 5)  # Prefect 2: sub-flows in threads need a parent flow
+    # its worker left at the close and the job ended by itself (not cancelled after a wait)
+    from test_task_runner import final_state
+
+    assert final_state(job_id) == "COMPLETED"
     for o in out:
         assert o.ok, o.error
         res = o.value

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
@@ -260,6 +260,11 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
         finally:
             opened = _pools.pop(job_name, None)
             try:
+                if client is not None and cluster is not None and cluster.workers:
+                    # the worker leaves first, so the job ends by itself: the cluster's close
+                    # retires nothing and waited 10 s for it (docs/development.md)
+                    with suppress(Exception):
+                        client.retire_workers(names=list(cluster.workers), close_workers=True)
                 for closing in (client, cluster):
                     try:
                         if closing is not None:
