@@ -21,15 +21,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from dask_jobqueue import SLURMCluster
-from distributed.core import Status
 from prefect_dask import DaskTaskRunner
 
 from . import board, cluster_yaml, host, jobs, ports, runners, slurm, slurm_query
 from .resolve import Resolved, resolve
 from .runner_watch import LostJobWatch
-
-RETIRE_TIMEOUT = 10.0  # seconds the scheduler may take to retire a run's workers at its end
 
 
 def scheduler_host(resolved: Resolved) -> str:
@@ -59,7 +55,7 @@ def cluster_kwargs(resolved: Resolved, job_name: str, log_dir: str, address: str
                                dashboard_address=f"{address}:{dashboard_port}")
 
 
-class RunCluster(SLURMCluster):
+class RunCluster(jobs.RetiringCluster):
     """One flow run's SLURMCluster: its own job name and ports, its jobs tracked and cancelled."""
 
     def __init__(self, resolved: Resolved, **kwargs: Any) -> None:
@@ -133,25 +129,9 @@ class RunCluster(SLURMCluster):
             await asyncio.to_thread(self.askap_release)
             raise
 
-    async def askap_retire(self) -> None:
-        """Let the run's workers leave before their jobs are closed, so that each job ends by
-        itself (COMPLETED) within a second. Without it every flow run's end took 15 s: the
-        cluster's scale-down asks the scheduler to retire its workers by spec name where it
-        expects addresses (nothing is retired), the job's close then waits out
-        ``jobs.WORKER_EXIT_GRACE`` for a worker that nobody stopped, and cancels it."""
-        comm = self.scheduler_comm
-        if self.status != Status.running or not self.workers or comm is None:
-            return
-        try:
-            await asyncio.wait_for(comm.retire_workers(
-                names=list(self.workers), close_workers=True), RETIRE_TIMEOUT)
-        except Exception:  # noqa: BLE001 - the jobs' close cancels them anyway
-            pass
-
     def __exit__(self, *exc: Any) -> None:
         self._askap_watch.stop()
         try:
-            self.sync(self.askap_retire)
             super().__exit__(*exc)
         finally:
             self.askap_release()
@@ -159,7 +139,6 @@ class RunCluster(SLURMCluster):
     async def __aexit__(self, *exc: Any) -> None:
         self._askap_watch.stop()
         try:
-            await self.askap_retire()
             await super().__aexit__(*exc)
         finally:
             await asyncio.to_thread(self.askap_release)

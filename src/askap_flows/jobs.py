@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dask_jobqueue.slurm import SLURMJob
+from dask_jobqueue.slurm import SLURMCluster, SLURMJob
+from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
 from . import board, clusters, shell
@@ -25,6 +26,7 @@ log = logging.getLogger("askap_flows")
 
 #: seconds a closing cluster waits for its retired worker to end its job before cancelling it
 WORKER_EXIT_GRACE = 10.0
+RETIRE_TIMEOUT = 10.0  # seconds the scheduler may take to retire a cluster's workers at its end
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,12 @@ class RunHandle:
 class BoardJob(SLURMJob):
     """dask-jobqueue's SLURM job whose close lets a running worker end the job by itself.
 
-    SpecCluster retires a worker before it closes its job; the worker, exec'd in the batch script,
-    then exits and the job ends. ``scancel`` while the worker is still shutting down made its
-    SIGTERM land in that shutdown, which hung until SLURM's KillWait with the nodes held in
-    COMPLETING. So a running job gets WORKER_EXIT_GRACE seconds to end (watched on the board); a
-    job still pending or still running after that is cancelled as dask-jobqueue would.
+    RetiringCluster (or the step's own release) retires a worker before its job is closed; the
+    worker, exec'd in the batch script, then exits and the job ends. ``scancel`` while the worker
+    was still shutting down made its SIGTERM land in that shutdown, which hung until SLURM's
+    KillWait with the nodes held in COMPLETING. So a running job gets WORKER_EXIT_GRACE seconds
+    to end (watched on the board); a job still pending or still running after that is cancelled
+    as dask-jobqueue would.
     """
 
     #: the profile's ``clusters:`` (see ``board_job_class``); the job's own cluster once submitted
@@ -112,6 +115,35 @@ class BoardJob(SLURMJob):
                 if ended:
                     return
         await super().close()
+
+
+class RetiringCluster(SLURMCluster):
+    """dask-jobqueue's SLURMCluster whose exit first retires its workers (by name, closing them),
+    so that each job ends by itself (COMPLETED) within a second before its BoardJob is closed.
+
+    SpecCluster's own scale-down asks the scheduler to retire the workers with their spec names
+    (``SLURMCluster-0``) as ``workers=``, which are addresses (distributed 2026.8): it retired
+    nothing, and every close waited out WORKER_EXIT_GRACE for a worker nobody stopped, then
+    cancelled the job (15 s at every end of a flow run under the task runner).
+    """
+
+    async def askap_retire(self) -> None:
+        comm = self.scheduler_comm
+        if self.status != Status.running or not self.workers or comm is None:
+            return
+        try:
+            await asyncio.wait_for(comm.retire_workers(names=list(self.workers),
+                                                       close_workers=True), RETIRE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the jobs' close cancels them anyway
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self.sync(self.askap_retire)
+        super().__exit__(*exc)
+
+    async def __aexit__(self, *exc) -> None:
+        await self.askap_retire()
+        await super().__aexit__(*exc)
 
 
 @functools.cache

@@ -62,9 +62,10 @@ def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunn
 
 
 def slurm_runner(cluster_kwargs: dict, clusters: str | None = None) -> DaskTaskRunner:
-    """dask-jobqueue's own SLURMCluster; its jobs are BoardJobs (jobs.py), whose close lets the
-    retired worker end the job instead of racing it with ``scancel`` (``-M`` for ``clusters``)."""
-    return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs={
+    """dask-jobqueue's SLURMCluster that retires its workers when it exits (jobs.RetiringCluster);
+    its jobs are BoardJobs, whose close lets the retired worker end the job instead of racing it
+    with ``scancel`` (``-M`` for ``clusters``)."""
+    return DaskTaskRunner(cluster_class=jobs.RetiringCluster, cluster_kwargs={
         **cluster_kwargs, "job_cls": jobs.board_job_class(clusters)})
 
 
