@@ -240,10 +240,10 @@ def test_mpi_task_layout_over_the_profiles_mpi_section():
 
 
 def test_mpi_task_outside_a_runners_flow_says_how_to_use_it():
-    from askap_flows import runner_mpi
+    from askap_flows import mpi_run
 
     with pytest.raises(RuntimeError, match="task_runner is askap_flows.task_runner.*MPI shape"):
-        runner_mpi.mpi_task.fn({"nodes": 1, "ntasks": 1})
+        mpi_run.mpi_task.fn({"nodes": 1, "ntasks": 1})
 
 
 @pytest.mark.parametrize("state,sinfo,said", [
