@@ -43,7 +43,9 @@ NOT_ON_RUNNER = (
 @task(name="mpi-task")
 def mpi_task(mpi_spec: MPISpec | Mapping[str, Any] | None = None,
              program: str | None = None) -> dict:
-    """Run an MPI program across the nodes of this flow run's job (the MPI-shaped task runner).
+    """Run an MPI program across the nodes of this flow run's job: the job of an MPI-shaped
+    ``task_runner(...)`` (its worker stays for the flow's next steps), or the cluster an
+    ``mpi_subflow`` built for its one step (on SLURM, its nodes are freed once the step returns).
 
     Args:
         mpi_spec: an MPISpec, or a mapping of its fields (over the profile's mpi section when the
