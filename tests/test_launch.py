@@ -81,7 +81,7 @@ class Lines:
 
 def test_a_step_its_task_gives_up_on_is_killed_reports_its_end_and_is_not_launched_again(
         tmp_path, monkeypatch):
-    """What run_mpi does when Prefect's timeout_seconds (or an interrupt) raises in its thread:
+    """What mpi_task does when Prefect's timeout_seconds (or an interrupt) raises in its thread:
     the worker kills srun's group within seconds and says so, and its "end" event arrives. The
     stand-in srun also printed the controller-outage error, after which a failed step would be
     launched again: a stopped one is not."""

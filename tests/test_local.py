@@ -8,23 +8,35 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
 from conftest import run_main
 from test_cli import cli
+from test_faults import _api, flow_runs
 
 pytestmark = pytest.mark.mpi
 
 
 def test_local_subflow_returns_one_record_per_rank(hello_program):
+    import askap_flows
     from askap_flows.flows import mpi_subflow
 
-    res = mpi_subflow({"ntasks": 3}, backend="local", name="local-test")
+    name = f"local-test-{uuid.uuid4().hex[:8]}"
+    res = mpi_subflow({"ntasks": 3}, backend="local", name=name)
     assert [r.rank for r in res.ranks] == [0, 1, 2]
     assert all(r.size == 3 and r.allreduce == 3 for r in res.ranks)
     assert res.exit_code == 0 and res.job_id is None
     assert res.dashboard and res.dashboard.startswith("http://127.0.0.1:")
+    # its MPI step is the public mpi_task (one task for users' flows and sub-flows), in the API
+    run_id = flow_runs([name])[name]["id"]
+    deadline = time.monotonic() + 30  # Prefect 3 records task runs from their events
+    while not (tasks := _api("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})):
+        assert time.monotonic() < deadline, f"no task run of {name} in the API"
+        time.sleep(0.5)
+    assert [(t["task_key"], t["name"].rsplit("-", 1)[0]) for t in tasks] == [
+        (askap_flows.mpi_task.task_key, "mpi-task")]
 
 
 def _fake_slurm(tmp_path):

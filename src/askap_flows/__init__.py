@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
         return task_runner
     if name == "mpi_task":
-        from .runner_mpi import mpi_task
+        from .mpi_run import mpi_task
 
         return mpi_task
     if name == "allocation":

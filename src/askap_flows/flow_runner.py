@@ -90,6 +90,14 @@ class RunCluster(jobs.RetiringCluster):
                               self.askap_resolved.start_timeout, "slurm",
                               clusters=self.askap_resolved.clusters, runner=True)
 
+    @property
+    def askap_step(self) -> jobs.StepContext | None:
+        """What ``mpi_task`` takes from this cluster (the MPI shape only): its step runs with
+        ``srun`` inside this job, whose worker stays for the flow's next steps."""
+        if self.askap_resolved.adapt_kwargs:
+            return None
+        return jobs.StepContext(self.askap_resolved, self.handle, launcher="srun")
+
     def askap_release(self) -> None:
         """Cancel every job of this run (by name), untrack it, free its ports. Idempotent."""
         if self._askap_done:

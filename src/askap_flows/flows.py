@@ -3,8 +3,9 @@
 ``mpi_subflow(...)`` is a plain function: when called it resolves the specs, checks everything that
 can be checked before submitting (specs, program, SLURM), builds a fresh task runner, and runs the
 ``mpi-subflow`` flow with it. Called inside a parent flow it is a sub-flow of that flow.
-Its MPI step is the task of :mod:`askap_flows.mpi_run`; ``run_subflows`` (many sub-flow calls at
-once) is in :mod:`askap_flows.composition`.
+Its MPI step is ``mpi_task`` (:mod:`askap_flows.mpi_run`), the task users' own flows call on an
+MPI-shaped task runner, here on the cluster the sub-flow built; ``run_subflows`` (many sub-flow
+calls at once) is in :mod:`askap_flows.composition`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from . import compat, mpi, runners, slurm, slurm_query, watch
 from .jobs import RunHandle
-from .mpi_run import run_mpi
+from .mpi_run import mpi_task
 from .resolve import resolve
 from .spec import AllocationSpec, MPISpec, excluding_nodes, whole_number
 
@@ -59,7 +60,8 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) ->
     backend, job_name = run.backend, run.job_name
     dashboard = _cluster_started(job_name, logger)
     cluster_ready = time.time()
-    data = run_mpi(spec, program, check_ranks, run)
+    # the packaged hello program (check_ranks) is the default program: mpi_task finds it again
+    data = mpi_task(spec, None if check_ranks else program)
     nodes = slurm_query.hostnames(data["nodelist"]) if data["nodelist"] else [data["host"]]
     if data["job_id"]:
         logger.info("SLURM job %s ran on %s", data["job_id"], ",".join(nodes))
@@ -164,7 +166,7 @@ def mpi_subflow(
     while True:
         label = name and (f"{name}-retry{attempt}" if attempt else name)
         try:
-            with runners.cluster_for_run(alloc, backend) as run:
+            with runners.cluster_for_run(alloc, backend, step=resolved) as run:
                 run_name = label or run.job_name or f"mpi-{run.token}"
                 # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
                 sub = _mpi_flow.with_options(task_runner=run.runner, flow_run_name=run_name)  # type: ignore[arg-type, unused-ignore]

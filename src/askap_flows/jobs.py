@@ -15,12 +15,16 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dask_jobqueue.slurm import SLURMCluster, SLURMJob
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
 from . import board, clusters, shell
+
+if TYPE_CHECKING:
+    from .resolve import Resolved
 
 log = logging.getLogger("askap_flows")
 
@@ -49,6 +53,18 @@ class RunHandle:
 
     def err_log(self, job_id: str) -> str:
         return str(Path(self.log_dir) / f"{self.job_name}-{job_id}.err")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What ``mpi_task`` takes from the cluster of the flow run it is called in (the cluster's
+    ``askap_step``), set where that cluster is built: a task runner's ``RunCluster`` (MPI shape)
+    or an ``mpi_subflow``'s own cluster (SLURM or local)."""
+
+    resolved: Resolved  # what the step's spec is resolved over (mpi section, allocation, backend)
+    handle: RunHandle
+    launcher: str | None = None  # the launcher the step's place needs (None: the backend's)
+    release_nodes: bool = False  # the step is the job's only work: free its nodes once it returns
 
 
 class BoardJob(SLURMJob):

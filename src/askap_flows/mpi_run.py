@@ -1,10 +1,19 @@
-"""The MPI step as a Prefect task: ``run_mpi`` runs in the sub-flow's process, hands the step to
-the sub-flow's Dask worker (``launch.mpi_step``), relays its lines to the task's Prefect log and
-lets the job free its nodes as soon as the step has returned.
+"""``mpi_task``: the one Prefect task of an MPI step, on the nodes of the flow run's cluster.
 
-A task that gives up on its step (Prefect's ``timeout_seconds``, which raises in the task's
-thread, or an interrupt) stops it (``stop_step``): the worker kills srun's process group, so the
-step does not run on, holding the job's nodes, after its task has failed.
+A user's flow calls it on an MPI-shaped ``askap_flows.task_runner(...)`` (one job of N nodes, one
+Dask worker on its first node); ``mpi_subflow``'s flow calls it on the cluster it built for itself
+(SLURM, or the local backend's LocalCluster and ``mpiexec``). Whichever it is, the cluster carries
+the step's context (``jobs.StepContext``: what the spec is resolved over, the job's handle, the
+launcher its place needs, whether the job's nodes are freed once the step returns).
+
+Called directly in the flow (not ``.submit()``), the task runs in the flow's process: it hands
+the step to the cluster's worker (``launch.mpi_step``; the worker imports no Prefect, which would
+cost the job's nodes seconds of start-up), relays the program's lines to the task's Prefect log
+as they come, and watches the job on the job board, so that an ``scancel``, a walltime or a lost
+node fails the task with SLURM's state within seconds. A task that gives up on its step
+(Prefect's ``timeout_seconds``, which raises in the task's thread, or an interrupt) stops it
+(``stop_step``): the worker kills srun's process group, so the step does not run on, holding the
+job's nodes, after its task has failed.
 """
 
 from __future__ import annotations
@@ -12,26 +21,61 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prefect import get_run_logger, task
 
-from . import compat, launch, runners, watch
-from .jobs import RunHandle
+from . import compat, launch, mpi, runners, watch
+from .jobs import RunHandle, StepContext
+from .resolve import resolve
 from .spec import MPISpec
 
 STOP_WAIT = 20.0  # seconds a stopped step may take to report its end
 STOP_QUIET = 2.0  # ... or this long if it never sent a line (it has not started)
 
+NOT_ON_RUNNER = (
+    "mpi_task runs in a flow whose task_runner is askap_flows.task_runner(...) in the MPI shape "
+    "(no adapt_kwargs), called directly in the flow body, not with .submit(): "
+    "@flow(task_runner=askap_flows.task_runner('PROFILE')).")
 
-@task(name="mpi-run")
-def run_mpi(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
-            release_nodes: bool = True) -> dict:
-    """Run the MPI step on this sub-flow's Dask worker (``launch.mpi_step``) and write its output
-    to this task's Prefect log as it comes. The task itself runs in the sub-flow's process: the
-    worker imports no Prefect, which would cost the job's nodes seconds of start-up.
-    ``release_nodes=False`` keeps the worker (a user's flow may run more steps on its job)."""
+
+@task(name="mpi-task")
+def mpi_task(mpi_spec: MPISpec | Mapping[str, Any] | None = None,
+             program: str | None = None) -> dict:
+    """Run an MPI program across the nodes of this flow run's job: the job of an MPI-shaped
+    ``task_runner(...)`` (its worker stays for the flow's next steps), or the cluster an
+    ``mpi_subflow`` built for its one step (on SLURM, its nodes are freed once the step returns).
+
+    Args:
+        mpi_spec: an MPISpec, or a mapping of its fields (over the profile's mpi section when the
+            runner's profile is in this library's form).
+        program: the MPI executable; default: the packaged hello program (built if missing).
+
+    Returns:
+        dict with job_id, nodelist, host, exit_code, seconds, command and ranks.
+    """
+    step = step_context()
+    # over the profile's mpi section, fitted in its allocation, with the launcher its place needs
+    spec = resolve(step.resolved, backend=step.resolved.backend, mpi=mpi_spec,
+                   launcher=step.launcher, say=get_run_logger().warning).mpi_spec()
+    prog, check_ranks = mpi.resolve_program(spec, program)
+    return run_step(spec, prog, check_ranks, step.handle, step.release_nodes)
+
+
+def step_context() -> StepContext:
+    """The step's context, from the cluster of the flow run this is called in."""
+    client = compat.current_dask_client()
+    step = getattr(getattr(client, "cluster", None), "askap_step", None)
+    if not isinstance(step, StepContext):
+        raise RuntimeError(NOT_ON_RUNNER)
+    return step
+
+
+def run_step(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle,
+             release_nodes: bool) -> dict:
+    """Run the MPI step on the flow run's Dask worker and write its output to the calling task's
+    Prefect log as it comes. ``release_nodes``: let the job free its nodes once it returns."""
     logger = get_run_logger()
     client = compat.current_dask_client()
     topic = f"askap-mpi-{uuid.uuid4().hex}"

@@ -10,18 +10,21 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 # dask_jobqueue 0.9 installs a signal handler when first imported; that only works in the main
 # thread, and sub-flows start their clusters from worker threads. Import it here, at module top.
 import dask
-import dask_jobqueue  # noqa: F401 -- imported for the side effect above
+import dask_jobqueue  # noqa: F401 - for its signal handler, see above
+from distributed import LocalCluster
 from prefect_dask import DaskTaskRunner
 
 from . import board, jobs, ports, shell, slurm, slurm_query
 from .host import log_dir as job_log_dir
+from .resolve import Resolved
 from .spec import AllocationSpec
 
 LOCAL_HOST = "127.0.0.1"
@@ -41,7 +44,8 @@ def import_dashboard() -> None:
             pass
 
 
-def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunner:
+def local_runner(alloc: AllocationSpec, dashboard_port: int = 0,
+                 step: jobs.StepContext | None = None) -> DaskTaskRunner:
     """A threaded LocalCluster of one worker; only its dashboard listens, on loopback."""
     # In-process workers share this interpreter. Each one's statistical profiler calls
     # sys._current_frames() every 10 ms; with dozens of them CPython 3.11.7 deadlocks there
@@ -50,23 +54,39 @@ def local_runner(alloc: AllocationSpec, dashboard_port: int = 0) -> DaskTaskRunn
     # to connect to its own in-process scheduler (TimeoutError at N=140-200, benchmarks/sweep.py).
     dask.config.set({"distributed.worker.profile.enabled": False,
                      "distributed.comm.timeouts.connect": "120s"})
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs=dict(
-            n_workers=1,
-            threads_per_worker=alloc.cores,
-            processes=False,  # in-process (inproc://) comms: no network port but the dashboard's
-            dashboard_address=f"{LOCAL_HOST}:{dashboard_port}",
-        ),
+    return _step_runner(
+        LocalCluster, step,
+        n_workers=1,
+        threads_per_worker=alloc.cores,
+        processes=False,  # in-process (inproc://) comms: no network port but the dashboard's
+        dashboard_address=f"{LOCAL_HOST}:{dashboard_port}",
     )
 
 
-def slurm_runner(cluster_kwargs: dict, clusters: str | None = None) -> DaskTaskRunner:
+def slurm_runner(cluster_kwargs: dict, clusters: str | None = None,
+                 step: jobs.StepContext | None = None) -> DaskTaskRunner:
     """dask-jobqueue's SLURMCluster that retires its workers when it exits (jobs.RetiringCluster);
     its jobs are BoardJobs, whose close lets the retired worker end the job instead of racing it
     with ``scancel`` (``-M`` for ``clusters``)."""
-    return DaskTaskRunner(cluster_class=jobs.RetiringCluster, cluster_kwargs={
-        **cluster_kwargs, "job_cls": jobs.board_job_class(clusters)})
+    return _step_runner(jobs.RetiringCluster, step, **cluster_kwargs,
+                        job_cls=jobs.board_job_class(clusters))
+
+
+def _step_runner(cls: Callable[..., Any], step: jobs.StepContext | None,
+                 **kwargs: Any) -> DaskTaskRunner:
+    # ignore: Prefect 3 types cluster_class a callable without arguments; it is called with them
+    return DaskTaskRunner(cluster_class=step_cluster, cluster_kwargs={  # type: ignore[arg-type, unused-ignore]
+        **kwargs, "askap_class": cls, "askap_step": step})
+
+
+def step_cluster(askap_class: Callable[..., Any], askap_step: jobs.StepContext | None,
+                 **kwargs: Any) -> Any:
+    """A sub-flow's cluster, built by prefect-dask when the flow run starts: ``askap_class`` with
+    its arguments, carrying the context of the sub-flow's MPI step that ``mpi_task`` reads (None:
+    a sub-flow without one)."""
+    cluster = askap_class(**kwargs)
+    cluster.askap_step = askap_step
+    return cluster
 
 
 @dataclass
@@ -103,8 +123,10 @@ def end_composition() -> None:
 
 
 @contextmanager
-def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]:
+def cluster_for_run(alloc: AllocationSpec, backend: str,
+                    step: Resolved | None = None) -> Iterator[RunCluster]:
     """Build the task runner of one sub-flow run, now; on exit cancel its job and free its ports.
+    ``step``: the sub-flow's resolved MPI step, for the ``mpi_task`` it runs on the cluster.
 
     The cluster itself is started by Prefect inside the flow run and closed when it ends; the
     ``scancel --name`` here is the safety net for every way a run can end. The job is tracked on
@@ -116,7 +138,8 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     if backend == "local":
         with ports.reserve(1, LOCAL_HOST) as held:
             handle = jobs.RunHandle(token, None, str(log_dir), alloc.start_timeout, backend)
-            yield RunCluster(local_runner(alloc, held.ports[0]), handle)
+            context = jobs.StepContext(step, handle) if step else None
+            yield RunCluster(local_runner(alloc, held.ports[0], context), handle)
         return
     job_name = f"{alloc.job_name_prefix}-{token}"
     host = slurm.scheduler_host(alloc)
@@ -127,10 +150,12 @@ def cluster_for_run(alloc: AllocationSpec, backend: str) -> Iterator[RunCluster]
     with ports.reserve(2, host) as held:
         kwargs = slurm.run_cluster_kwargs(alloc, job_name, log_dir, scheduler_port=held.ports[0],
                                           dashboard_port=held.ports[1])
+        handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend,
+                                alloc.clusters)
+        context = jobs.StepContext(step, handle, release_nodes=True) if step else None
         board.board().track(job_name, alloc.clusters)
         try:
-            yield RunCluster(slurm_runner(kwargs, alloc.clusters), jobs.RunHandle(
-                token, job_name, str(log_dir), alloc.start_timeout, backend, alloc.clusters))
+            yield RunCluster(slurm_runner(kwargs, alloc.clusters, context), handle)
         finally:
             try:
                 jobs.cancel_named(job_name, clusters_=alloc.clusters)
