@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
 import overhead  # noqa: E402
 
+from askap_flows.board import DEFAULT_POLL  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
 
 PREFIX = "askapbench"
@@ -464,7 +465,7 @@ def main() -> int:
         "workload": {"n": ns, "long_n": long_ns, "programs": programs, "long_seconds": args.long_seconds,
                      "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
                      "srun": launch_command(spec, hello), "board_poll": os.environ.get(
-                         "ASKAP_FLOWS_SLURM_POLL", "default (1-3 s)")},
+                         "ASKAP_FLOWS_SLURM_POLL", "default ({:g}-{:g} s)".format(*DEFAULT_POLL))},
         "command_costs": costs,
         "phases": phases,
         "latency": latency,

@@ -76,7 +76,7 @@ def controller_load(d: dict) -> str:
                    f"{_f(p.get('queries_per_second_running'), 2)} | "
                    f"{_f(p['queries_per_second_phase'], 2)} | {p['failures']} |")
     types = sorted({k for p in d["phases"] for k in p["queries_by_type"]},
-                   key=lambda k: -sum(p["queries_by_type"].get(k, 0) for p in d["phases"]))
+                   key=lambda k: (-sum(p["queries_by_type"].get(k, 0) for p in d["phases"]), k))
     out += ["", "Query RPCs by type over each phase (`sdiag`, \"by message type\"):", "",
             "| program | N | kind | " + " | ".join(k.removeprefix("REQUEST_") for k in types) + " |",
             "|---|---|---|" + "---|" * len(types)]
