@@ -71,7 +71,7 @@ def open_pool(pool_name: str) -> Pool:
     return pool
 
 
-@flow(name="mpi-pool-step", validate_parameters=False)
+@flow(name="mpi-pool-step", flow_run_name="{name}", validate_parameters=False)
 def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str):
     called = time.time()
     pool, logger = open_pool(pool_name), get_run_logger()
