@@ -200,7 +200,7 @@ def test_overhead_pool_quick(tmp_path):
         assert len(sample["latencies"]) == (1 if kind.endswith("single") else 2)
         assert data["summary"][kind]["median_wall_seconds"] == sample["wall_seconds"]
     s = data["summary"]
-    assert data["ratio_pool_single_srun"] == round(s["pool_warm_single"]["median_wall_seconds"]
+    assert data["ratio_pool_single_srun"] == round(s["pool_warm_single"]["median_latency_seconds"]
                                                    / s["srun_single"]["median_wall_seconds"], 3)
     for t in rep["pool_warm"]["timings"]:
         assert set(t) == {"queue_wait", "srun", "total"} and t["total"] >= t["srun"] > 0
