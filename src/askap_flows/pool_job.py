@@ -19,7 +19,8 @@ def retire_worker(client) -> None:
     if client is None:
         return
     try:
-        client.retire_workers(close_workers=True)
+        # (the list: called without one, Dask may pick no worker to retire: docs/development.md)
+        client.retire_workers(workers=list(client.scheduler_info()["workers"]), close_workers=True)
     except Exception:  # noqa: BLE001 - the close and the cancel below end the job anyway
         pass
 
