@@ -238,3 +238,21 @@ def test_pooled_steps_run_without_prefect_3s_flow_heartbeat(monkeypatch):
         assert _heartbeat() is not None  # only the step's own flow run is without it
         monkeypatch.setenv(compat.HEARTBEAT_VARS[0], "60")
         assert compat.without_flow_heartbeat().__class__.__name__ == "nullcontext"  # it stays
+
+
+def test_the_settings_without_heartbeat_are_made_once(monkeypatch):
+    """Each copy of Prefect's settings re-reads the environment and its files (as much CPU as
+    creating the step's flow run): the steps of a pool share one."""
+    from askap_flows import compat
+
+    if compat.PREFECT_MAJOR < 3:
+        pytest.skip("Prefect 2 has no flow run heartbeat")
+    from prefect.settings import get_current_settings
+
+    for var in compat.HEARTBEAT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    seen = []
+    for _ in range(2):
+        with compat.without_flow_heartbeat():
+            seen.append(get_current_settings())
+    assert seen[0] is seen[1] and seen[0].flows.heartbeat_frequency is None
