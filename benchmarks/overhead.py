@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
+import _pool_bench
 
 from askap_flows import mpi  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
@@ -154,54 +155,6 @@ def run_subflow_batch(n: int, program: str, tag: str) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------- through a pool
-POOL = {"nodes": 3, "ntasks_per_node": 4, "walltime": "00:20:00", "job_name_prefix": PREFIX}
-
-
-def run_pool_batch(n: int, program: str, tag: str, pool=None) -> dict:
-    """n ``mpi_subflow(..., pool=...)`` calls at once inside one parent flow: through ``pool``
-    (warm: its job already runs) or through a pool opened and closed inside the timing (cold)."""
-    from contextlib import nullcontext
-
-    from prefect import flow
-
-    from askap_flows import allocation
-    from askap_flows.composition import run_subflows
-    from askap_flows.flows import mpi_subflow
-
-    latencies: dict[int, float] = {}
-
-    def timed(held, i: int):
-        t = time.monotonic()
-        try:
-            return mpi_subflow(MPI, program=program, name=f"{PREFIX}-pool-{tag}-{i}", pool=held)
-        finally:
-            latencies[i] = time.monotonic() - t
-
-    @flow(name="bench-pool", validate_parameters=False)
-    def parent(count: int):
-        with (nullcontext(pool) if pool is not None else
-              allocation(profile="testbed", **POOL)) as held:
-            return run_subflows([functools.partial(timed, held, i) for i in range(count)],
-                                max_concurrent=count)
-
-    result = timed_batch(parent, n, latencies)
-    del result["outcomes"]
-    return result
-
-
-def run_pool_kinds(n: int, program: str, tag: str) -> dict:
-    """pool_cold (the pool's start and end counted), then pool_warm and pool_warm_single through
-    a pool opened before the timing starts."""
-    from askap_flows import allocation
-
-    out = {"pool_cold": run_pool_batch(n, program, f"{tag}-cold")}
-    with allocation(profile="testbed", **POOL) as pool:
-        out["pool_warm"] = run_pool_batch(n, program, f"{tag}-warm", pool)
-        out["pool_warm_single"] = run_pool_batch(1, program, f"{tag}-warm1", pool)
-    return out
-
-
 # --------------------------------------------------------------------------- summary
 def summarize(samples: list[dict], key: str) -> dict:
     walls = [s["wall_seconds"] for s in samples]
@@ -214,6 +167,12 @@ def summarize(samples: list[dict], key: str) -> dict:
 def breakdown(samples: list[dict]) -> dict:
     rows = [t for s in samples for t in s.get("timings", [])]
     return {p: _bench.median([r[p] for r in rows if p in r]) for p in PHASES}
+
+
+def pool_breakdown(samples: list[dict]) -> dict:
+    rows = [t for s in samples for t in s.get("timings", [])]
+    keys = sorted({k for r in rows for k in r})
+    return {k: _bench.median([r[k] for r in rows if k in r]) for k in keys}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -269,13 +228,15 @@ def main() -> int:
                             run_subflow_batch(1, program, f"{tag}-{r}-single"))
                 if args.pool:  # the pool holds every node: measured apart from the others
                     _bench.say(f"repetition {r + 1}/{args.reps}: pool (cold, warm) x {args.runs}")
-                    rep.update(run_pool_kinds(args.runs, program, f"{tag}-{r}"))
+                    rep.update(_pool_bench.run_pool_kinds(args.runs, MPI, program,
+                                                          launch_command(spec, program),
+                                                          f"{tag}-{r}"))
                 reps.append(rep)
     finally:
         cleanup_jobs()
     summary = {k: summarize([r[k] for r in reps if k in r], k)
-               for k in ("floor", "subflows", "floor_single", "subflows_single", "pool_cold",
-                         "pool_warm", "pool_warm_single")
+               for k in ("floor", "subflows", "floor_single", "subflows_single", "srun_w",
+                         "srun_single", "pool_cold", "pool_warm", "pool_warm_single")
                if any(k in r for r in reps)}
     for kind in ("floor", "subflows"):
         summary[kind]["label"] = f"W = {args.runs} runs"
@@ -297,6 +258,16 @@ def main() -> int:
         "ratio_pool_cold": (ratio(summary["pool_cold"]["median_wall_seconds"],
                                   summary["floor"]["median_wall_seconds"])
                             if "pool_cold" in summary else None),
+        # the mpi_subflow call itself (its latency): the wall time adds the parent flow run
+        "ratio_pool_single_srun": (ratio(summary["pool_warm_single"]["median_latency_seconds"],
+                                         summary["srun_single"]["median_wall_seconds"])
+                                   if "pool_warm_single" in summary else None),
+        "ratio_srun_w": (ratio(summary["srun_w"]["median_wall_seconds"],
+                               summary["floor"]["median_wall_seconds"])
+                         if "srun_w" in summary else None),
+        "pool_breakdown": ({k: pool_breakdown([r[k] for r in reps])
+                            for k in ("pool_cold", "pool_warm", "pool_warm_single")}
+                           if "pool_warm" in summary else None),
         "subflow_breakdown": breakdown([r["subflows"] for r in reps]),
         "subflow_single_breakdown": (breakdown([r["subflows_single"] for r in reps])
                                      if "subflows_single" in summary else None),

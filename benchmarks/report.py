@@ -42,6 +42,58 @@ def overhead(d: dict) -> str:
     return "\n".join(out)
 
 
+def pool(d: dict) -> str:
+    """overhead.py --pool: the pool's rows against the floor and against bare srun."""
+    s = d["summary"]
+    if "pool_warm" not in s:
+        return "(no pool rows: run overhead.py with --pool)"
+
+    def row(label, key, floor_key, target, what="median_wall_seconds"):
+        a, b = s[key][what], s[floor_key]["median_wall_seconds"]
+        r = round(a / b, 2) if a and b else None
+        return (f"| {label} | {_f(a, 2)} s | {_f(b, 2)} s ({floor_key}) | {_f(r, 2)}x | "
+                f"{target} | {s[key]['failures']} |")
+
+    out = [f"Prefect {d['versions']['prefect']}, {d['date_utc']} UTC, load average before/after "
+           f"{d['load_average_before'][0]} / {d['load_average_after'][0]}, "
+           f"{d['workload']['reps']} repetition(s) (medians)", "",
+           "| workload | askap_flows | floor | ratio | target | failures |", "|---|---|---|---|---|---|",
+           row(f"W = {d['workload']['runs']} runs, warm pool", "pool_warm", "floor", "<= 0.5x"),
+           row("W, pool started cold (its start and end counted)", "pool_cold", "floor",
+               "<= 1.2x")]
+    if "srun_single" in s:
+        out += [row("one sub-flow in a warm pool (the call)", "pool_warm_single", "srun_single",
+                    "<= 1.5x", "median_latency_seconds"),
+                row("the same, with its parent flow run", "pool_warm_single", "srun_single", "-"),
+                row("W by hand: 8 bare srun in a held salloc", "srun_w", "floor", "-"),
+                row("W, warm pool, against W by hand", "pool_warm", "srun_w", "-")]
+    bd = d.get("pool_breakdown") or {}
+    if bd:
+        out += ["", "A pooled step's own timings (median seconds, `MPIRunResult.timings`):", "",
+                "| | queue_wait | srun | total |", "|---|---|---|---|"]
+        for k, v in bd.items():
+            out.append(f"| {k} | {_f(v.get('queue_wait'), 2)} | {_f(v.get('srun'), 2)} | "
+                       f"{_f(v.get('total'), 2)} |")
+    return "\n".join(out)
+
+
+def throughput(d: dict) -> str:
+    w = d["workload"]
+    out = [f"Prefect {d['versions']['prefect']}, {d['date_utc']} UTC, load average before/after "
+           f"{d['load_average_before'][0]} / {d['load_average_after'][0]}; N = {w['n']} sub-flows "
+           f"of {w['mpi']['ntasks']} ranks on 1 node, max_concurrent {w['max_concurrent']}"
+           + (f"; the cold path in processes of {w['cold_chunk']}" if w.get("cold_chunk") else ""),
+           "", "| mode | processes | completed | failed | wall [s] | sub-flows/min | "
+           "peak RSS pipeline [MB] |", "|---|---|---|---|---|---|---|"]
+    for mode, v in d["summary"].items():
+        out.append(f"| {mode} | {v['runs']} | {v['completed']} | {v['failures']} | "
+                   f"{_f(v['wall_seconds'])} | {_f(v['subflows_per_minute'])} | "
+                   f"{_f(v['peak_rss_mb'])} |")
+    out += ["", f"pool over cold: {_f(d.get('speedup_pool_over_cold'), 2)}x the sub-flows per "
+                f"minute (target >= {d.get('target_speedup')}x)"]
+    return "\n".join(out)
+
+
 def sweep(d: dict) -> str:
     out = [f"{d['backend']} backend, Prefect {d['versions']['prefect']}, {d['date_utc']} UTC, "
            f"load average before/after {d['load_average_before'][0]} / "
@@ -121,7 +173,8 @@ def controller_load(d: dict) -> str:
 def main() -> int:
     for name, render in (("overhead.json", overhead), ("sweep.json", sweep),
                          ("sweep_prefect2.json", sweep), ("sweep_prefect2_capped.json", sweep),
-                         ("sweep_testbed.json", sweep), ("controller_load.json", controller_load)):
+                         ("sweep_testbed.json", sweep), ("controller_load.json", controller_load),
+                         ("overhead_pool.json", pool), ("throughput.json", throughput)):
         path = RESULTS / name
         if path.exists():
             print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")

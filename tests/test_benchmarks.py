@@ -185,3 +185,37 @@ def test_server_workers_quick(tmp_path):
         assert r["requests"] == 4 * 2 * 4 and r["failures"] == 0  # 4 threads x 2 runs x 4 calls
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["max_ms"]
     assert "in each of 3 processes" in data["results"][1]["pool"]
+
+
+@pytest.mark.slurm
+@pytest.mark.once  # as the overhead benchmark
+def test_overhead_pool_quick(tmp_path):
+    """--pool: W through a warm and a cold pool, one step alone, and their floor of bare srun in
+    a held salloc, all in one repetition."""
+    data = _run("overhead", tmp_path, "--pool")
+    (rep,) = data["repetitions"]
+    for kind in ("srun_w", "srun_single", "pool_cold", "pool_warm", "pool_warm_single"):
+        sample = rep[kind]
+        assert sample["failures"] == 0, (kind, sample["errors"])
+        assert len(sample["latencies"]) == (1 if kind.endswith("single") else 2)
+        assert data["summary"][kind]["median_wall_seconds"] == sample["wall_seconds"]
+    s = data["summary"]
+    assert data["ratio_pool_single_srun"] == round(s["pool_warm_single"]["median_latency_seconds"]
+                                                   / s["srun_single"]["median_wall_seconds"], 3)
+    for t in rep["pool_warm"]["timings"]:
+        assert set(t) == {"queue_wait", "srun", "total"} and t["total"] >= t["srun"] > 0
+
+
+@pytest.mark.slurm
+@pytest.mark.once  # as the overhead benchmark
+def test_throughput_quick(tmp_path):
+    data = _run("throughput", tmp_path)
+    assert data["quick"] and data["workload"]["n"] == 4
+    for mode in ("pool", "cold"):
+        s = data["summary"][mode]
+        assert s["n"] == 4 and s["failures"] == 0 and s["completed"] == 4, data["runs"][mode]
+        assert s["subflows_per_minute"] == round(4 / s["wall_seconds"] * 60, 1)
+        assert s["peak_rss_mb"] > 0
+    assert data["speedup_pool_over_cold"] == round(
+        data["summary"]["pool"]["subflows_per_minute"]
+        / data["summary"]["cold"]["subflows_per_minute"], 2)

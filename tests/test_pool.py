@@ -73,6 +73,10 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
     queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
                             text=True).stdout.strip()
     assert queued in ("", "COMPLETING", "CANCELLED", "COMPLETED"), queued
+    # the block's end retired the pool's worker, so that its job ended by itself: no scancel after
+    # the cluster close's grace for a job still running (jobs.WORKER_EXIT_GRACE)
+    err = Path(pool.handle.err_log(job_id)).read_text()
+    assert "End worker" in err and "CANCELLED" not in err, err[-2000:]
 
 
 def read_artifacts(key: str | None = None, flow_run_id: str | None = None) -> list:

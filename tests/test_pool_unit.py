@@ -200,3 +200,59 @@ def test_no_pool_artifact_outside_a_flow_run(monkeypatch):
     v = pool_record.PoolView("5", "askapflows-pool-x", ("node1",), 4, "00:10:00", None, "open")
     assert pool_record.record_pool(v) is False
     assert "outside a flow run: no artifact" in said[0]
+
+
+def _heartbeat():
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().flows.heartbeat_frequency
+
+
+def _pool():
+    import time
+
+    from askap_flows import jobs
+    from askap_flows.pool import Pool
+    from askap_flows.resolve import resolve
+
+    alloc = resolve("testbed", backend="slurm", allocation={"nodes": 2, "ntasks_per_node": 4},
+                    step=False).allocation_spec()
+    handle = jobs.RunHandle("t", "askapflows-pool-t", "/tmp", 60.0, "slurm")
+    return Pool(alloc, "testbed", handle, None, "1", NODES[:2], time.time() + 3600, None)
+
+
+def test_pooled_steps_run_without_prefect_3s_flow_heartbeat(monkeypatch):
+    """Prefect 3 joins every flow run's heartbeat thread at its end (0.5 s on average per step);
+    a pooled step's flow run starts none, unless the user set the frequency himself."""
+    from askap_flows import compat, pool_step
+
+    seen = []
+    monkeypatch.setattr(pool_step, "pool_step", lambda **kw: seen.append(
+        (kw["name"], _heartbeat() if compat.PREFECT_MAJOR >= 3 else None)))
+    for var in compat.HEARTBEAT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    pool = _pool()
+    pool.run_mpi({"nodes": 1, "ntasks": 2}, program="/bin/true", name="s1")
+    assert seen == [("s1", None)]
+    if compat.PREFECT_MAJOR >= 3:
+        assert _heartbeat() is not None  # only the step's own flow run is without it
+        monkeypatch.setenv(compat.HEARTBEAT_VARS[0], "60")
+        assert compat.without_flow_heartbeat().__class__.__name__ == "nullcontext"  # it stays
+
+
+def test_the_settings_without_heartbeat_are_made_once(monkeypatch):
+    """Each copy of Prefect's settings re-reads the environment and its files (as much CPU as
+    creating the step's flow run): the steps of a pool share one."""
+    from askap_flows import compat
+
+    if compat.PREFECT_MAJOR < 3:
+        pytest.skip("Prefect 2 has no flow run heartbeat")
+    from prefect.settings import get_current_settings
+
+    for var in compat.HEARTBEAT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    seen = []
+    for _ in range(2):
+        with compat.without_flow_heartbeat():
+            seen.append(get_current_settings())
+    assert seen[0] is seen[1] and seen[0].flows.heartbeat_frequency is None

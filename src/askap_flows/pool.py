@@ -21,13 +21,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import dask_jobqueue  # noqa: F401 - at module top, in the main thread (see runners.py)
 import distributed
 
-from . import board, clusters, jobs, mpi, ports, runners, slurm, slurm_query, step_id, watch
+from . import (
+    board,
+    clusters,
+    compat,
+    jobs,
+    mpi,
+    pool_job,
+    ports,
+    runners,
+    slurm,
+    slurm_query,
+    step_id,
+)
 from .errors import AskapFlowsError
 from .host import log_dir as job_log_dir
 from .ledger import LedgerError, NodeLedger
@@ -180,10 +192,10 @@ class Pool:
         attempt = 0
         while True:
             run_name = f"{label}-retry{attempt}" if attempt else label
-            try:
-                return pool_step.with_options(flow_run_name=run_name)(
-                    spec=spec, program=prog, check_ranks=check_ranks, pool_name=self.job_name,
-                    name=run_name)
+            try:  # (no with_options per step: a new Flow builds its parameter schema again)
+                with compat.without_flow_heartbeat():  # its join: 0.5 s per step (compat.py)
+                    return pool_step(spec=spec, program=prog, check_ranks=check_ranks,
+                                     pool_name=self.job_name, name=run_name)
             except slurm.JobLost as exc:
                 if attempt >= retries or not exc.retryable or runners.shutting_down.is_set():
                     raise
@@ -244,7 +256,7 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                                                                        held.ports),
                                                  job_cls=job_cls)  # type: ignore[arg-type]
             client = distributed.Client(cluster)
-            _wait_for_worker(client, handle)
+            pool_job.wait_for_worker(client, handle)
             # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
             env = {k: next(iter(client.run(os.getenv, k).values()))
                    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
@@ -260,11 +272,7 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
         finally:
             opened = _pools.pop(job_name, None)
             try:
-                if client is not None and cluster is not None and cluster.workers:
-                    # the worker leaves first, so the job ends by itself: the cluster's close
-                    # retires nothing and waited 10 s for it (docs/development.md)
-                    with suppress(Exception):
-                        client.retire_workers(names=list(cluster.workers), close_workers=True)
+                pool_job.retire_worker(client)
                 for closing in (client, cluster):
                     try:
                         if closing is not None:
@@ -279,20 +287,3 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
                     signal.signal(signal.SIGTERM, old)
             if opened is not None and not runners.shutting_down.is_set():
                 record_pool(opened.view("closed"))  # after the cancel: the API may be slow
-
-
-def _wait_for_worker(client, handle: jobs.RunHandle) -> None:
-    """Until the pool's worker connected; SlurmError/JobLost when its job cannot start or ended."""
-    b, started = board.board(), time.monotonic()
-    while not client.scheduler_info().get("workers"):
-        b.check()
-        job, waited = handle.job(), time.monotonic() - started
-        if job is not None and job.ended:
-            raise watch.job_lost(job, handle)
-        if waited > handle.start_timeout:
-            state = f"{job.state} ({job.reason})" if job else "not seen in squeue"
-            raise slurm.SlurmError(
-                f"the pool's job {handle.job_name} has no Dask worker after "
-                f"{handle.start_timeout:g} s (job {state}). The cluster may be full or the request "
-                f"too large; raise start_timeout or ask for fewer nodes. Logs: {handle.log_dir}")
-        time.sleep(0.2)

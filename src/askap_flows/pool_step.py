@@ -71,14 +71,22 @@ def open_pool(pool_name: str) -> Pool:
     return pool
 
 
-@flow(name="mpi-pool-step", validate_parameters=False)
-def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str):
-    called = time.time()
-    pool, logger = open_pool(pool_name), get_run_logger()
-    if pool.dashboard:
+def link_dashboard(pool: Pool, logger) -> None:
+    """The pool's Dask dashboard as a link artifact on the step's flow run."""
+    if not pool.dashboard:
+        return
+    try:
         create_link_artifact(  # type: ignore[unused-coroutine, unused-ignore]
             link=pool.dashboard, link_text="Dask dashboard (pool)",
             description=f"Dask dashboard of pool job {pool.job_id}.")
+    except Exception as exc:  # noqa: BLE001 - the UI's record must not change the step's outcome
+        logger.warning("could not record the pool's dashboard link: %s", exc)
+
+
+@flow(name="mpi-pool-step", flow_run_name="{name}", validate_parameters=False)
+def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str):
+    called = time.time()
+    pool, logger = open_pool(pool_name), get_run_logger()
     try:
         ticket, nodes = pool.acquire(spec, logger)
         started = time.time()
@@ -90,6 +98,8 @@ def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, na
     except BaseException:
         pool.step_ended(ok=False)
         raise
+    finally:  # once the nodes are free again: the next step does not wait for the API
+        link_dashboard(pool, logger)
     pool.step_ended(ok=True)
     record_step(pool.job_id, data["step_id"], pool.job_name, nodes, pool.dashboard)
     return MPIRunResult(

@@ -1,0 +1,122 @@
+"""The allocation pool's part of benchmarks/overhead.py (``--pool``) and its own floor.
+
+* pool_cold: W through a pool opened and closed inside the timing (``allocation(...)`` of 3 nodes).
+* pool_warm / pool_warm_single: W, and one sub-flow alone, through a pool opened before.
+* srun_w / srun_single: the bare floor of a pool, measured in the same repetition: ONE held
+  ``salloc --no-shell`` of the same 3 nodes, then the same ``srun`` lines (with ``--jobid`` and
+  ``--exact``) started by hand, all W at once and one alone. No Prefect, no Dask.
+
+Imported by overhead.py after ``_bench`` (which puts src/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+import time
+from contextlib import contextmanager, nullcontext
+
+PREFIX = "askapbench"
+POOL = {"nodes": 3, "ntasks_per_node": 4, "walltime": "00:20:00", "job_name_prefix": PREFIX}
+
+
+def timed_batch(parent, n: int, latencies: dict, ntasks: int) -> dict:
+    """Run ``parent(n)`` (a flow of n sub-flows); its wall time, failures and latencies."""
+    started = time.monotonic()
+    outcomes = parent(n)
+    wall = time.monotonic() - started
+    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
+              for o in outcomes if not o.ok]
+    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != ntasks]
+    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
+            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
+            "outcomes": outcomes}
+
+
+def run_pool_batch(n: int, mpi: dict, program: str, tag: str, pool=None) -> dict:
+    """n ``mpi_subflow(..., pool=...)`` calls at once inside one parent flow: through ``pool``
+    (warm: its job already runs) or through a pool opened and closed inside the timing (cold)."""
+    from prefect import flow
+
+    from askap_flows import allocation
+    from askap_flows.composition import run_subflows
+    from askap_flows.flows import mpi_subflow
+
+    latencies: dict[int, float] = {}
+
+    def timed(held, i: int):
+        t = time.monotonic()
+        try:
+            return mpi_subflow(mpi, program=program, name=f"{PREFIX}-pool-{tag}-{i}", pool=held)
+        finally:
+            latencies[i] = time.monotonic() - t
+
+    @flow(name="bench-pool", validate_parameters=False)
+    def parent(count: int):
+        with (nullcontext(pool) if pool is not None else
+              allocation(profile="testbed", **POOL)) as held:
+            return run_subflows([functools.partial(timed, held, i) for i in range(count)],
+                                max_concurrent=count)
+
+    result = timed_batch(parent, n, latencies, mpi["ntasks"])
+    outcomes = result.pop("outcomes")
+    result["timings"] = [{k: round(v, 3) for k, v in o.value.timings.items()}
+                         for o in outcomes if o.ok]
+    return result
+
+
+@contextmanager
+def held_salloc(tag: str):
+    """One ``salloc --no-shell`` of the pool's nodes (what a user holding nodes by hand does);
+    its job id. Cancelled on the way out."""
+    name = f"{PREFIX}-salloc-{tag}"
+    res = subprocess.run(["salloc", "--no-shell", "-J", name, "--nodes", str(POOL["nodes"]),
+                          "--ntasks-per-node", str(POOL["ntasks_per_node"]), "--time",
+                          "00:10:00"], capture_output=True, text=True, timeout=120)
+    m = re.search(r"Granted job allocation (\d+)", res.stderr)
+    if m is None:
+        raise SystemExit(f"salloc gave no allocation: {res.stderr.strip()}")
+    try:
+        yield m.group(1)
+    finally:
+        subprocess.run(["scancel", m.group(1)], capture_output=True)
+
+
+def run_sruns(n: int, job_id: str, argv: list[str], ntasks: int) -> dict:
+    """n copies of the step's srun line (``--jobid --exact``) at once in the held allocation."""
+    from askap_flows import mpi
+
+    line = [argv[0], f"--jobid={job_id}", "--exact", *argv[1:]]
+    started = time.monotonic()
+    procs = [subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    latencies, errors = [], []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        latencies.append(round(time.monotonic() - started, 3))
+        try:
+            if p.returncode:
+                raise mpi.MPIError(f"exit {p.returncode}: {err.strip()[-300:]}")
+            if len(mpi.parse_ranks(out)) != ntasks:
+                raise mpi.MPIError(f"{len(mpi.parse_ranks(out))} ranks, not {ntasks}")
+        except mpi.MPIError as exc:
+            errors.append(str(exc))
+    return {"n": n, "wall_seconds": round(time.monotonic() - started, 3),
+            "failures": len(errors), "errors": errors[:3], "latencies": sorted(latencies)}
+
+
+def run_pool_kinds(n: int, mpi: dict, program: str, argv: list[str], tag: str) -> dict:
+    """srun_w and srun_single in a held salloc; pool_cold (the pool's start and end counted);
+    then pool_warm and pool_warm_single through a pool opened before the timing starts."""
+    from askap_flows import allocation
+
+    out = {}
+    with held_salloc(tag) as job_id:
+        out["srun_w"] = run_sruns(n, job_id, argv, mpi["ntasks"])
+        out["srun_single"] = run_sruns(1, job_id, argv, mpi["ntasks"])
+    out["pool_cold"] = run_pool_batch(n, mpi, program, f"{tag}-cold")
+    with allocation(profile="testbed", **POOL) as pool:
+        out["pool_warm"] = run_pool_batch(n, mpi, program, f"{tag}-warm", pool)
+        out["pool_warm_single"] = run_pool_batch(1, mpi, program, f"{tag}-warm1", pool)
+    return out
