@@ -208,7 +208,7 @@ def without_flow_heartbeat(env=None):
     if PREFECT_MAJOR < 3 or any(env.get(v) for v in HEARTBEAT_VARS):
         return contextlib.nullcontext()
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY  # type: ignore[attr-defined, unused-ignore]  # 3.x only
 
     ctx = get_settings_context()
     cached = _quiet_settings.get(id(ctx.settings))
@@ -217,4 +217,4 @@ def without_flow_heartbeat(env=None):
         if len(_quiet_settings) > 8:
             _quiet_settings.clear()
         cached = _quiet_settings[id(ctx.settings)] = (ctx.settings, quiet)
-    return SettingsContext(profile=ctx.profile, settings=cached[1])
+    return SettingsContext(profile=ctx.profile, settings=cached[1])  # type: ignore[call-arg, unused-ignore]
