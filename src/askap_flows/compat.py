@@ -205,8 +205,11 @@ def without_flow_heartbeat(env=None):
     env = os.environ if env is None else env
     if PREFECT_MAJOR < 3 or any(env.get(v) for v in HEARTBEAT_VARS):
         return contextlib.nullcontext()
+    # (the ignores: Prefect 2 has neither; only Prefect 3 gets here)
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    from prefect.settings import (  # type: ignore[attr-defined, unused-ignore]
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    )
 
     ctx = get_settings_context()
     cached = _quiet_settings.get(id(ctx.settings))
@@ -215,4 +218,5 @@ def without_flow_heartbeat(env=None):
         if len(_quiet_settings) > 8:
             _quiet_settings.clear()
         cached = _quiet_settings[id(ctx.settings)] = (ctx.settings, quiet)
-    return SettingsContext(profile=ctx.profile, settings=cached[1])
+    return SettingsContext(  # type: ignore[call-arg, unused-ignore]
+        profile=ctx.profile, settings=cached[1])
