@@ -132,19 +132,17 @@ def known_migrations(dialect: str) -> set[str]:
 
 
 def current_dask_client():
-    """The Dask client of the task runner of the flow run this is called from (None: not a
-    flow run on a prefect-dask ``DaskTaskRunner``).
+    """The Dask client of the task runner of the flow run this is called from.
 
     Prefect 3 creates the cluster lazily here (first access of ``client``); Prefect 2 started it
     when the flow run began.
     """
     from prefect.context import FlowRunContext
-    from prefect_dask import DaskTaskRunner
 
     ctx = FlowRunContext.get()
-    if ctx is None or not isinstance(ctx.task_runner, DaskTaskRunner):
-        return None  # no flow run, or Prefect's default task runner: no Dask
-    runner: Any = ctx.task_runner
+    if ctx is None or ctx.task_runner is None:
+        return None
+    runner: Any = ctx.task_runner  # a prefect_dask DaskTaskRunner: runners.py makes every one
     if PREFECT_MAJOR >= 3:
         return runner.client
     # prefect-dask 0.2 has no public accessor; tests/test_compat.py pins this attribute
@@ -207,8 +205,11 @@ def without_flow_heartbeat(env=None):
     env = os.environ if env is None else env
     if PREFECT_MAJOR < 3 or any(env.get(v) for v in HEARTBEAT_VARS):
         return contextlib.nullcontext()
+    # (the ignores: Prefect 2 has neither; only Prefect 3 gets here)
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY  # type: ignore[attr-defined, unused-ignore]  # 3.x only
+    from prefect.settings import (  # type: ignore[attr-defined, unused-ignore]
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    )
 
     ctx = get_settings_context()
     cached = _quiet_settings.get(id(ctx.settings))
@@ -217,4 +218,5 @@ def without_flow_heartbeat(env=None):
         if len(_quiet_settings) > 8:
             _quiet_settings.clear()
         cached = _quiet_settings[id(ctx.settings)] = (ctx.settings, quiet)
-    return SettingsContext(profile=ctx.profile, settings=cached[1])  # type: ignore[call-arg, unused-ignore]
+    return SettingsContext(  # type: ignore[call-arg, unused-ignore]
+        profile=ctx.profile, settings=cached[1])
