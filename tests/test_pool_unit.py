@@ -256,3 +256,20 @@ def test_the_settings_without_heartbeat_are_made_once(monkeypatch):
         with compat.without_flow_heartbeat():
             seen.append(get_current_settings())
     assert seen[0] is seen[1] and seen[0].flows.heartbeat_frequency is None
+
+
+def test_a_heartbeat_the_user_set_in_prefects_settings_stays(monkeypatch):
+    """Set in a profile, prefect.toml or .env (not only the environment), the user's heartbeat
+    frequency is kept for pooled steps too."""
+    from askap_flows import compat
+
+    if compat.PREFECT_MAJOR < 3:
+        pytest.skip("Prefect 2 has no flow run heartbeat")
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    for var in compat.HEARTBEAT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        assert compat.without_flow_heartbeat().__class__.__name__ == "nullcontext"
+        with compat.without_flow_heartbeat():
+            assert _heartbeat() == 60

@@ -207,11 +207,17 @@ def without_flow_heartbeat(env=None):
         return contextlib.nullcontext()
     # (the ignores: Prefect 2 has neither; only Prefect 3 gets here)
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import (  # type: ignore[attr-defined, unused-ignore]
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    )
+    try:
+        from prefect.settings import (  # type: ignore[attr-defined, unused-ignore]
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        )
+    except ImportError:  # a Prefect 3 from before flow run heartbeats: nothing to turn off
+        return contextlib.nullcontext()
 
     ctx = get_settings_context()
+    flows = getattr(ctx.settings, "flows", None)
+    if "heartbeat_frequency" in getattr(flows, "model_fields_set", ()):
+        return contextlib.nullcontext()  # the user set it (a profile, prefect.toml, .env)
     cached = _quiet_settings.get(id(ctx.settings))
     if cached is None or cached[0] is not ctx.settings:
         quiet = ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

@@ -1,4 +1,6 @@
-"""One sub-flow's SLURM job: its frozen handle, its dask-jobqueue job class, and its cancel.
+"""One sub-flow's SLURM job: its frozen handle, the context of its MPI step, its dask-jobqueue job
+and cluster classes (a job that ends by itself, a cluster that lets its workers leave first), and
+its cancel.
 
 The handle is made where the cluster is built and travels with the run (flow parameters, the
 watch, the classification of failures). Every question about the job's state is answered by the
@@ -140,7 +142,9 @@ class RetiringCluster(SLURMCluster):
     SpecCluster's own scale-down asks the scheduler to retire the workers with their spec names
     (``SLURMCluster-0``) as ``workers=``, which are addresses (distributed 2026.8): it retired
     nothing, and every close waited out WORKER_EXIT_GRACE for a worker nobody stopped, then
-    cancelled the job (15 s at every end of a flow run under the task runner).
+    cancelled the job (15 s at every end of a flow run under the task runner). The names are
+    SpecCluster's public ``requested``: with several worker processes per job (``processes`` > 1)
+    they carry the group's suffixes (``X-0-0``, ``X-0-1``).
     """
 
     async def askap_retire(self) -> None:
@@ -148,18 +152,22 @@ class RetiringCluster(SLURMCluster):
         if self.status != Status.running or not self.workers or comm is None:
             return
         try:
-            await asyncio.wait_for(comm.retire_workers(names=list(self.workers),
+            await asyncio.wait_for(comm.retire_workers(names=sorted(map(str, self.requested)),
                                                        close_workers=True), RETIRE_TIMEOUT)
         except Exception:  # noqa: BLE001 - the jobs' close cancels them anyway
             pass
 
     def __exit__(self, *exc) -> None:
-        self.sync(self.askap_retire)
-        super().__exit__(*exc)
+        try:
+            self.sync(self.askap_retire)
+        finally:  # whatever interrupts the retire, the cluster still closes
+            super().__exit__(*exc)
 
     async def __aexit__(self, *exc) -> None:
-        await self.askap_retire()
-        await super().__aexit__(*exc)
+        try:
+            await self.askap_retire()
+        finally:
+            await super().__aexit__(*exc)
 
 
 @functools.cache
