@@ -132,6 +132,12 @@ def write_json(data: dict, out: str | os.PathLike | None) -> None:
         Path(out).write_text(text + "\n")
 
 
+def drop_work(work: str | os.PathLike) -> None:
+    """Remove a benchmark's scratch directory, unless ASKAP_BENCH_KEEP is set."""
+    if not os.environ.get("ASKAP_BENCH_KEEP"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -474,10 +474,7 @@ def main() -> int:
     _bench.write_json(result, args.out)
     if args.out:
         Path(f"{args.out}.partial").unlink(missing_ok=True)
-    if not os.environ.get("ASKAP_BENCH_KEEP"):
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    _bench.drop_work(work)
     return 0 if all(p["failures"] == 0 for p in phases) else 1
 
 

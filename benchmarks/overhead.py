@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shlex
 import subprocess
 import sys
@@ -275,10 +274,7 @@ def main() -> int:
         "repetitions": reps,
     }
     _bench.write_json(result, args.out)
-    if not os.environ.get("ASKAP_BENCH_KEEP"):
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    _bench.drop_work(work)
     return 0 if all(s["failures"] == 0 for s in summary.values()) else 1
 
 

@@ -397,10 +397,7 @@ def main() -> int:
              f"{result['date_utc']} UTC, {os.cpu_count()} cores")
         result["plot"] = str(plot_path)
     _bench.write_json(result, args.out)
-    if not os.environ.get("ASKAP_BENCH_KEEP"):
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    _bench.drop_work(work)
     return 0
 
 

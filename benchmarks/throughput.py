@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -152,10 +151,7 @@ def main() -> int:
               "summary": summary, "speedup_pool_over_cold": speedup, "target_speedup": 3.0,
               "runs": results}
     _bench.write_json(result, args.out)
-    if not os.environ.get("ASKAP_BENCH_KEEP"):
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    _bench.drop_work(work)
     return 0 if all(s["failures"] == 0 for s in summary.values()) else 1
 
 
