@@ -132,17 +132,19 @@ def known_migrations(dialect: str) -> set[str]:
 
 
 def current_dask_client():
-    """The Dask client of the task runner of the flow run this is called from.
+    """The Dask client of the task runner of the flow run this is called from (None: not a
+    flow run on a prefect-dask ``DaskTaskRunner``).
 
     Prefect 3 creates the cluster lazily here (first access of ``client``); Prefect 2 started it
     when the flow run began.
     """
     from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
 
     ctx = FlowRunContext.get()
-    if ctx is None or ctx.task_runner is None:
-        return None
-    runner: Any = ctx.task_runner  # a prefect_dask DaskTaskRunner: runners.py makes every one
+    if ctx is None or not isinstance(ctx.task_runner, DaskTaskRunner):
+        return None  # no flow run, or Prefect's default task runner: no Dask
+    runner: Any = ctx.task_runner
     if PREFECT_MAJOR >= 3:
         return runner.client
     # prefect-dask 0.2 has no public accessor; tests/test_compat.py pins this attribute
