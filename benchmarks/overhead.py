@@ -178,6 +178,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def over(summary: dict, kind: str, floor: str, field: str = "median_wall_seconds",
+         floor_field: str = "median_wall_seconds") -> float | None:
+    """``kind``'s figure over ``floor``'s (None when either was not measured)."""
+    if kind not in summary or floor not in summary:
+        return None
+    return ratio(summary[kind][field], summary[floor][floor_field])
+
+
 def cleanup_jobs() -> None:
     """Cancel this benchmark's jobs (askapbench-*) that are still queued, if any."""
     from askap_flows import slurm_query
@@ -244,26 +252,16 @@ def main() -> int:
         "workload": {"runs": args.runs, "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
                      "srun": launch_command(spec, program), "reps": args.reps},
         "summary": summary,
-        "ratio_wall": ratio(summary["subflows"]["median_wall_seconds"],
-                            summary["floor"]["median_wall_seconds"]),
-        "ratio_latency": ratio(summary["subflows"]["median_latency_seconds"],
-                               summary["floor"]["median_latency_seconds"]),
-        "ratio_single": (ratio(summary["subflows_single"]["median_wall_seconds"],
-                               summary["floor_single"]["median_wall_seconds"])
-                         if "subflows_single" in summary else None),
-        "ratio_pool_warm": (ratio(summary["pool_warm"]["median_wall_seconds"],
-                                  summary["floor"]["median_wall_seconds"])
-                            if "pool_warm" in summary else None),
-        "ratio_pool_cold": (ratio(summary["pool_cold"]["median_wall_seconds"],
-                                  summary["floor"]["median_wall_seconds"])
-                            if "pool_cold" in summary else None),
+        "ratio_wall": over(summary, "subflows", "floor"),
+        "ratio_latency": over(summary, "subflows", "floor", "median_latency_seconds",
+                              "median_latency_seconds"),
+        "ratio_single": over(summary, "subflows_single", "floor_single"),
+        "ratio_pool_warm": over(summary, "pool_warm", "floor"),
+        "ratio_pool_cold": over(summary, "pool_cold", "floor"),
         # the mpi_subflow call itself (its latency): the wall time adds the parent flow run
-        "ratio_pool_single_srun": (ratio(summary["pool_warm_single"]["median_latency_seconds"],
-                                         summary["srun_single"]["median_wall_seconds"])
-                                   if "pool_warm_single" in summary else None),
-        "ratio_srun_w": (ratio(summary["srun_w"]["median_wall_seconds"],
-                               summary["floor"]["median_wall_seconds"])
-                         if "srun_w" in summary else None),
+        "ratio_pool_single_srun": over(summary, "pool_warm_single", "srun_single",
+                                       "median_latency_seconds"),
+        "ratio_srun_w": over(summary, "srun_w", "floor"),
         "pool_breakdown": ({k: pool_breakdown([r[k] for r in reps])
                             for k in ("pool_cold", "pool_warm", "pool_warm_single")}
                            if "pool_warm" in summary else None),
