@@ -157,9 +157,13 @@ class RetiringCluster(SLURMCluster):
         except Exception:  # noqa: BLE001 - the jobs' close cancels them anyway
             pass
 
+    def retire(self) -> None:
+        """Retire the workers now (a cluster closed with ``close()``, not left with ``with``)."""
+        self.sync(self.askap_retire)
+
     def __exit__(self, *exc) -> None:
         try:
-            self.sync(self.askap_retire)
+            self.retire()
         finally:  # whatever interrupts the retire, the cluster still closes
             super().__exit__(*exc)
 

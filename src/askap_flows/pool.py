@@ -252,9 +252,9 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
         try:
             submitted = time.time()
             job_cls = jobs.board_job_class(alloc.clusters)
-            cluster = dask_jobqueue.SLURMCluster(**pool_cluster_kwargs(alloc, job_name, log_dir,
-                                                                       held.ports),
-                                                 job_cls=job_cls)  # type: ignore[arg-type]
+            cluster = jobs.RetiringCluster(**pool_cluster_kwargs(alloc, job_name, log_dir,
+                                                                 held.ports),
+                                           job_cls=job_cls)  # type: ignore[arg-type]
             client = distributed.Client(cluster)
             pool_job.wait_for_worker(client, handle)
             # os.getenv: the worker imports nothing of askap_flows for it (this module is Prefect)
@@ -272,7 +272,8 @@ def allocation(profile: str | os.PathLike | None = None, nodes: int | None = Non
         finally:
             opened = _pools.pop(job_name, None)
             try:
-                pool_job.retire_worker(client)
+                if cluster is not None:  # its worker leaves first: the job ends by itself
+                    cluster.retire()
                 for closing in (client, cluster):
                     try:
                         if closing is not None:

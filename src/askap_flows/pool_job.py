@@ -1,8 +1,7 @@
-"""The pool's job (pool.py) as its Dask cluster sees it: waiting for its worker after the submit,
-and letting the worker leave first at the end, so that the job ends by itself.
-
-The worker is the job's batch script (exec'd): when it leaves, the job ends. Job states come from
-the process's job board (board.py), never from a query of its own.
+"""The pool's job (pool.py) as its Dask cluster sees it: waiting for its worker after the submit.
+(At the end the pool's ``jobs.RetiringCluster`` lets the worker leave first, so that the job
+ends by itself.) Job states come from the process's job board (board.py), never from a query of
+its own.
 """
 
 from __future__ import annotations
@@ -10,19 +9,6 @@ from __future__ import annotations
 import time
 
 from . import board, jobs, slurm, watch
-
-
-def retire_worker(client) -> None:
-    """Let the pool's worker leave first, so that its job ends by itself (the worker is the batch
-    script) and the cluster's close only sees it end: nobody else retires it, and a close that
-    finds the job still running waits jobs.WORKER_EXIT_GRACE s before its scancel."""
-    if client is None:
-        return
-    try:
-        # (the list: called without one, Dask may pick no worker to retire: docs/development.md)
-        client.retire_workers(workers=list(client.scheduler_info()["workers"]), close_workers=True)
-    except Exception:  # noqa: BLE001 - the close and the cancel below end the job anyway
-        pass
 
 
 def wait_for_worker(client, handle: jobs.RunHandle) -> None:
