@@ -171,6 +171,13 @@ def migrated_home(home: Path) -> str:
     return str(home)
 
 
+def final_state(job_id: str) -> str:
+    """The state SLURM still shows for an ended job (MinJobAge: 30 s on the test bed)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), out)
+
+
 def queued_jobs() -> set[str]:
     """'name id' of every job in SLURM's queue (pending, running or completing), whatever its name."""
     out = subprocess.run(["squeue", "-h", "-o", "%j %i"], capture_output=True, text=True).stdout

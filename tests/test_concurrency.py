@@ -147,7 +147,7 @@ def test_array_subflow_on_slurm(no_jobs_left):
 
     res = array_subflow(2, 500, seed=1, backend="slurm", profile="testbed")
     assert res.job_id and res.mean > 0
-    from test_task_runner import final_state
+    from conftest import final_state
 
     assert final_state(res.job_id) == "COMPLETED"  # its worker left; nothing had to cancel it
 

@@ -46,7 +46,7 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
                   for i in range(2)]
         out = in_parent_flow(calls, 5)  # Prefect 2: sub-flows in threads need a parent flow
     # its worker left at the close and the job ended by itself (not cancelled after a wait)
-    from test_task_runner import final_state
+    from conftest import final_state
 
     assert final_state(job_id) == "COMPLETED"
     for o in out:

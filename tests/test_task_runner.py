@@ -16,7 +16,7 @@ from prefect import flow, task
 
 import askap_flows
 from askap_flows import board, flow_runner
-from conftest import ROOT
+from conftest import ROOT, final_state
 
 pytestmark = pytest.mark.slurm
 
@@ -79,12 +79,6 @@ def test_concurrent_runs_of_one_flow_get_their_own_clusters(no_jobs_left):
     # waiting out the close's grace for a worker that nobody stopped)
     assert [final_state(r["job_id"]) for r in results] == ["COMPLETED", "COMPLETED"]
 
-
-def final_state(job_id: str) -> str:
-    """The state SLURM still shows for an ended job (MinJobAge: 30 s on the test bed)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                         text=True, timeout=30).stdout
-    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), out)
 
 
 @task
