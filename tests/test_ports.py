@@ -14,9 +14,13 @@ from askap_flows import ports
 
 pytestmark = [pytest.mark.unit, pytest.mark.once]  # port allocation: no Prefect
 
+# Every range here lies in 32000-32767: below Linux's ephemeral range (32768-60999), where any
+# outgoing connection may take a port for a moment (CI once saw 41501 taken), and above the
+# library's default range, which sub-flows running at the same time use.
+
 
 def test_reserved_ports_are_distinct_and_held(tmp_path):
-    alloc = ports.PortAllocator(41000, 41299, lock_dir=tmp_path)
+    alloc = ports.PortAllocator(32000, 32299, lock_dir=tmp_path)
     held = [alloc.reserve(2, "127.0.0.1") for _ in range(100)]
     got = [p for r in held for p in r.ports]
     assert len(got) == len(set(got)) == 200
@@ -25,7 +29,7 @@ def test_reserved_ports_are_distinct_and_held(tmp_path):
 
 
 def test_a_process_does_not_reuse_ports_until_the_range_is_used_up(tmp_path):
-    alloc = ports.PortAllocator(41300, 41399, lock_dir=tmp_path)
+    alloc = ports.PortAllocator(32300, 32399, lock_dir=tmp_path)
     seen = []
     for _ in range(50):
         with alloc.reserve(1, "127.0.0.1") as r:
@@ -34,7 +38,7 @@ def test_a_process_does_not_reuse_ports_until_the_range_is_used_up(tmp_path):
 
 
 def test_exhausted_range_says_how_to_widen_it(tmp_path):
-    alloc = ports.PortAllocator(41400, 41402, lock_dir=tmp_path)
+    alloc = ports.PortAllocator(32400, 32402, lock_dir=tmp_path)
     r = alloc.reserve(3, "127.0.0.1")
     with pytest.raises(ports.PortError, match="no 1 free port.*ASKAP_FLOWS_PORTS=LOW-HIGH"):
         alloc.reserve(1, "127.0.0.1")
@@ -44,10 +48,10 @@ def test_exhausted_range_says_how_to_widen_it(tmp_path):
 
 def test_a_port_another_program_listens_on_is_skipped(tmp_path):
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 41500))
+        s.bind(("127.0.0.1", 32410))
         s.listen()
-        alloc = ports.PortAllocator(41500, 41501, lock_dir=tmp_path)
-        assert alloc.reserve(1, "127.0.0.1").ports == [41501]
+        alloc = ports.PortAllocator(32410, 32411, lock_dir=tmp_path)
+        assert alloc.reserve(1, "127.0.0.1").ports == [32411]
 
 
 @pytest.mark.parametrize("text", ["abc", "30000", "10-5", "80-90"])
