@@ -83,6 +83,20 @@ def test_a_dropped_node_reports_its_steps_and_the_queued_ones_that_no_longer_fit
     assert led.nodes == ["node1", "node2"]
 
 
+def test_two_node_steps_fill_three_nodes_at_once():
+    """W's shape: 2-node steps of 2 CPUs on 3 nodes of 4. Best fit alone put the first two on
+    node1+node2 and the third waited while node3 was idle (4 waves for 8 steps where 3 fit)."""
+    from askap_flows.ledger import copies
+
+    led = NodeLedger(NODES, 4)
+    asks = [led.request(2, 2) for _ in range(4)]
+    started = led.assign()
+    assert sorted(started) == asks[:3] and led.free == {n: 0 for n in NODES}, started
+    assert led.waiting(asks[3]) == 0
+    assert [copies(f, 2, 2) for f in ([4, 4, 4], [2, 2, 4], [0, 0, 4], [0, 2, 2])] == [3, 2, 0, 1]
+    assert copies([4, 4], 1, 1) == 8 and copies([3], 2, 1) == 0
+
+
 def test_pooled_step_command_golden():
     from askap_flows.pool_command import step_command, step_cpus
 
@@ -192,6 +206,36 @@ def test_the_pool_artifact_and_progress_text():
         "nodes": "node1", "dashboard": ""}
 
 
+def test_a_steps_one_artifact_links_the_dashboard():
+    from askap_flows.pool_record import step_description
+
+    assert step_description("5", "5.2", "askapflows-pool-ab", "http://h:8787/status") == (
+        "SLURM job 5, step 5.2 of pool askapflows-pool-ab; "
+        "[Dask dashboard (pool)](http://h:8787/status)")
+    assert step_description("5", None, "p", None) == "SLURM job 5 of pool p"
+
+
+def test_held_lines_reach_the_task_log_in_order_once_attached():
+    from askap_flows.pool_launch import LateLogger
+
+    said = []
+
+    class Logger:
+        def info(self, fmt, *a):
+            said.append(("info", fmt % a))
+
+        def warning(self, fmt, *a):
+            said.append(("warning", fmt % a))
+
+    late = LateLogger()
+    late.info("%s", "launching: srun")
+    late.warning("%s", "srun: warning")
+    assert said == []
+    late.attach(Logger())
+    late.info("rank %d", 0)
+    assert said == [("info", "launching: srun"), ("warning", "srun: warning"), ("info", "rank 0")]
+
+
 def test_no_pool_artifact_outside_a_flow_run(monkeypatch):
     from askap_flows import pool_record
 
@@ -218,7 +262,60 @@ def _pool():
     alloc = resolve("testbed", backend="slurm", allocation={"nodes": 2, "ntasks_per_node": 4},
                     step=False).allocation_spec()
     handle = jobs.RunHandle("t", "askapflows-pool-t", "/tmp", 60.0, "slurm")
-    return Pool(alloc, "testbed", handle, None, "1", NODES[:2], time.time() + 3600, None)
+    return Pool(alloc, "testbed", handle, FakeClient(), "1", NODES[:2], time.time() + 3600, None)
+
+
+class FakeFuture:
+    def __init__(self):
+        self.cancelled = False
+
+    def done(self):
+        return True
+
+
+class FakeClient:
+    """What a launch asks of the pool's Dask client, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def subscribe_topic(self, topic, handler):
+        self.calls.append("subscribe")
+
+    def unsubscribe_topic(self, topic):
+        self.calls.append("unsubscribe")
+
+    def submit(self, fn, *args, **kw):
+        self.calls.append(("submit", args[0].launcher_args))
+        return FakeFuture()
+
+
+def test_a_step_with_free_nodes_starts_its_srun_before_its_flow_run(monkeypatch):
+    """Creating the step's flow run (about 8 API requests) overlaps its srun instead of coming
+    first; a step that must wait for nodes keeps its place in the queue and starts inside its
+    flow run; a launch its flow run never took over frees its nodes."""
+    from askap_flows import pool_step
+
+    pool, seen = _pool(), []
+
+    def flow_run(**kw):  # what the flow run finds when it starts
+        step = pool.launches[kw["launch_key"]]
+        seen.append((kw["name"], list(pool.client.calls), step.nodes, step.ticket))
+
+    monkeypatch.setattr(pool_step, "pool_step", flow_run)
+    small = {"nodes": 1, "ntasks": 2, "ntasks_per_node": 2}
+    pool.run_mpi(small, program="/bin/true", name="s1")
+    (name, calls, nodes, _), = seen
+    assert name == "s1" and nodes == ["node1"] and calls[0] == "subscribe", seen
+    assert calls[1][0] == "submit" and "--nodelist=node1" in calls[1][1], calls
+    assert pool.ledger.free == {"node1": 4, "node2": 4} and pool.launches == {}  # freed
+    assert "unsubscribe" in pool.client.calls
+    seen.clear()
+    pool.client.calls.clear()
+    busy, _ = pool.request(MPISpec(nodes=2, ntasks=8, ntasks_per_node=4))  # every CPU
+    pool.run_mpi(small, program="/bin/true", name="s2")
+    assert seen == [("s2", [], None, busy + 1)], seen  # no srun before its turn
+    assert pool.ledger.queue == type(pool.ledger.queue)() and busy in pool.ledger.running
 
 
 def test_pooled_steps_run_without_prefect_3s_flow_heartbeat(monkeypatch):

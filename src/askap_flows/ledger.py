@@ -4,7 +4,9 @@ A step asks for ``nodes`` nodes with ``cpus`` free CPUs on each. Asks are served
 in, first out: a later ask never starts before an earlier one that is still waiting, so no step
 waits forever behind a stream of smaller ones. Placement is best fit: a step goes to the nodes
 with the fewest free CPUs that still hold it, so small steps share nodes and whole nodes stay free
-for wide steps. A node that died is dropped; the steps on it are reported to the caller.
+for wide steps; a multi-node step goes to the emptiest nodes instead when that leaves room for
+more steps of its size (``place``). A node that died is dropped; the steps on it are reported to
+the caller.
 
 No threads, no I/O, no clock: the pool (pool.py) wraps it with a lock and a condition.
 """
@@ -78,12 +80,23 @@ class NodeLedger:
         return started
 
     def place(self, nodes: int, cpus: int) -> list[str] | None:
-        """Best fit: the ``nodes`` nodes with the fewest free CPUs >= ``cpus`` (None: not now)."""
+        """Where an ask goes now (None: not now). Best fit: the ``nodes`` nodes with the fewest
+        free CPUs >= ``cpus``. A multi-node ask goes to the nodes with the MOST free CPUs instead
+        when that leaves room for more asks of its own size (``copies``): best fit put two
+        2-node steps on the same two nodes of three and left the third's CPUs idle."""
         fits = [n for n in self.order if self.free.get(n, -1) >= cpus]
         if len(fits) < nodes:
             return None
-        fits.sort(key=lambda n: (self.free[n], self.order.index(n)))
-        return sorted(fits[:nodes], key=self.order.index)
+        best = sorted(fits, key=lambda n: (self.free[n], self.order.index(n)))[:nodes]
+        if nodes > 1:
+            most = sorted(fits, key=lambda n: (-self.free[n], self.order.index(n)))[:nodes]
+            if self._copies_after(most, nodes, cpus) > self._copies_after(best, nodes, cpus):
+                best = most
+        return sorted(best, key=self.order.index)
+
+    def _copies_after(self, chosen: list[str], nodes: int, cpus: int) -> int:
+        left = {n: f - (cpus if n in chosen else 0) for n, f in self.free.items()}
+        return copies(left.values(), nodes, cpus)
 
     def release(self, ticket: int) -> None:
         """A step ended (or was given up while waiting): its CPUs are free again."""
@@ -106,3 +119,13 @@ class NodeLedger:
             if a.ticket == ticket:
                 return i
         return -1
+
+
+def copies(free, nodes: int, cpus: int) -> int:
+    """How many asks of ``nodes`` x ``cpus`` fit at once on nodes with these free CPUs: the largest
+    m with sum(min(slots_i, m)) >= m * nodes (each ask uses a node at most once)."""
+    slots = [f // cpus for f in free if f >= cpus]
+    m = 0
+    while sum(min(s, m + 1) for s in slots) >= (m + 1) * nodes:
+        m += 1
+    return m

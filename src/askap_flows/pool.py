@@ -30,7 +30,6 @@ import distributed
 from . import (
     board,
     clusters,
-    compat,
     jobs,
     mpi,
     pool_job,
@@ -75,6 +74,7 @@ class Pool:
         self._cond = threading.Condition()
         self._failed: dict[int, str] = {}  # ticket -> why it can no longer run
         self._steps = 0
+        self.launches: dict[str, Any] = {}  # key -> its pool_launch.Launch, while its call runs
         self.done = self.failed = 0  # steps (sub-flow runs) that ended
 
     def step_ended(self, ok: bool) -> None:
@@ -122,13 +122,20 @@ class Pool:
                 f"{max(left, 0):.0f} s: SLURM would kill it half-way. Give the step a shorter "
                 "timeout, or open the pool with a longer walltime.")
 
-    def acquire(self, spec: MPISpec, logger) -> tuple[int, list[str]]:
-        """Wait (first in, first out) for nodes for this step; (ticket, nodes)."""
+    def request(self, spec: MPISpec) -> tuple[int, list[str] | None]:
+        """Queue the step (first in, first out); (ticket, its nodes if it got them at once)."""
         with self._cond:
             try:
                 ticket = self.ledger.request(spec.nodes, step_cpus(spec))
             except LedgerError as exc:
                 raise PoolError(f"{exc}: it can never run in this pool.") from None
+            self._assign()
+            held = self.ledger.running.get(ticket)
+            return ticket, (list(held) if held is not None else None)
+
+    def wait(self, ticket: int, spec: MPISpec, logger) -> list[str]:
+        """Wait for the ticket's nodes (its turn in the ledger's queue); its nodes."""
+        with self._cond:
             said = False
             while True:
                 self._assign()
@@ -151,7 +158,12 @@ class Pool:
         except PoolError:
             self.release(ticket)
             raise
-        return ticket, nodes
+        return nodes
+
+    def acquire(self, spec: MPISpec, logger) -> tuple[int, list[str]]:
+        """Wait (first in, first out) for nodes for this step; (ticket, nodes)."""
+        ticket, nodes = self.request(spec)
+        return ticket, nodes if nodes is not None else self.wait(ticket, spec, logger)
 
     def _assign(self) -> None:
         if self.ledger.assign():
@@ -180,7 +192,7 @@ class Pool:
     def run_mpi(self, mpi_spec: MPISpec | Mapping[str, Any] | None, program: str | None = None,
                 name: str | None = None, retries: int = 0):
         """One MPI sub-flow in this pool (``mpi_subflow(..., pool=pool)`` calls this)."""
-        from .pool_step import pool_step
+        from .pool_launch import run_in_pool
 
         spec = resolve(self.profile, allocation=self.alloc, mpi=mpi_spec, launcher="srun",
                        fit=False).mpi_spec()  # the pool's ledger checks the fit
@@ -189,20 +201,7 @@ class Pool:
         with self._cond:
             self._steps += 1
             label = name or f"{self.job_name}-step{self._steps}"
-        attempt = 0
-        while True:
-            run_name = f"{label}-retry{attempt}" if attempt else label
-            try:  # (no with_options per step: a new Flow builds its parameter schema again)
-                with compat.without_flow_heartbeat():  # its join: 0.5 s per step (compat.py)
-                    return pool_step(spec=spec, program=prog, check_ranks=check_ranks,
-                                     pool_name=self.job_name, name=run_name)
-            except slurm.JobLost as exc:
-                if attempt >= retries or not exc.retryable or runners.shutting_down.is_set():
-                    raise
-                attempt += 1
-                log.warning("step %s lost node(s) %s; retry %d of %d on the pool's nodes %s",
-                            run_name, ",".join(exc.failed_nodes) or "?", attempt, retries,
-                            ",".join(self.nodes))
+        return run_in_pool(self, spec, prog, check_ranks, label, retries)
 
 
 # --------------------------------------------------------------------------- the allocation

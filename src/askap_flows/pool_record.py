@@ -4,8 +4,9 @@ The pool itself: one markdown artifact keyed by its job name (``artifact_key``),
 flow run that opens the pool when it opens and again when it closes (a new version of the same
 key: the UI's artifact page shows the last one, and each flow run keeps its versions). Outside a
 flow run nothing is written (Prefect 3.9 deprecates artifacts without a run), only logged. Each
-pooled step: a table artifact on its own sub-flow run with the job id, its step id (``J.S``), its
-nodes and the pool's dashboard. The renderers are pure.
+pooled step: ONE table artifact on its own sub-flow run with the job id, its step id (``J.S``), its
+nodes and the pool's dashboard (a link in the description, which the UI shows as markdown). The
+renderers are pure.
 """
 
 from __future__ import annotations
@@ -87,13 +88,21 @@ def step_row(job_id: str, step_id: str | None, job_name: str, nodes: list[str],
             "nodes": ",".join(nodes), "dashboard": dashboard or ""}
 
 
+def step_description(job_id: str, step_id: str | None, job_name: str,
+                     dashboard: str | None) -> str:
+    """The step artifact's description (markdown in the UI: the dashboard is a link)."""
+    step = f", step {step_id}" if step_id else ""
+    link = f"; [Dask dashboard (pool)]({dashboard})" if dashboard else ""
+    return f"SLURM job {job_id}{step} of pool {job_name}{link}"
+
+
 def record_step(job_id: str, step_id: str | None, job_name: str, nodes: list[str],
                 dashboard: str | None) -> None:
-    """A pooled step's table on its sub-flow run (shown in the Prefect UI)."""
+    """A pooled step's one artifact on its sub-flow run: a table of its facts (shown in the
+    Prefect UI), the pool's dashboard a link in its description. One API request per step."""
     from prefect.artifacts import create_table_artifact
 
-    step = f", step {step_id}" if step_id else ""
     # ignore: Prefect 2 types it a coroutine; its @sync_compatible runs it here, synchronously
     create_table_artifact(  # type: ignore[unused-coroutine, unused-ignore]
         table=[step_row(job_id, step_id, job_name, nodes, dashboard)],
-        description=f"SLURM job {job_id}{step} of pool {job_name}")
+        description=step_description(job_id, step_id, job_name, dashboard))

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shlex
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class StepIdCatcher:
 
     def __init__(self) -> None:
         self.step_id: str | None = None
+        self.seen = threading.Event()  # set once the step id is known
 
     def wrap(self, relay: Callable[[Any], None], logger, counted: Callable[[], None]
              ) -> Callable[[Any], None]:
@@ -82,6 +84,7 @@ class StepIdCatcher:
                 relay(event)
                 return
             self.step_id = step
+            self.seen.set()
             logger.info("SLURM job step %s", step)
             counted()
 
