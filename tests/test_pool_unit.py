@@ -266,11 +266,13 @@ def _pool():
 
 
 class FakeFuture:
-    def __init__(self):
-        self.cancelled = False
+    status = "finished"
 
     def done(self):
         return True
+
+    def add_done_callback(self, callback):
+        callback(self)
 
 
 class FakeClient:
@@ -292,15 +294,17 @@ class FakeClient:
 
 def test_a_step_with_free_nodes_starts_its_srun_before_its_flow_run(monkeypatch):
     """Creating the step's flow run (about 8 API requests) overlaps its srun instead of coming
-    first; a step that must wait for nodes keeps its place in the queue and starts inside its
-    flow run; a launch its flow run never took over frees its nodes."""
+    first, and a srun that ended well frees its nodes at once; a step that must wait for nodes
+    keeps its place in the queue and starts inside its flow run; a launch its flow run never
+    took over frees its nodes."""
     from askap_flows import pool_step
 
-    pool, seen = _pool(), []
+    pool, seen, free = _pool(), [], []
 
     def flow_run(**kw):  # what the flow run finds when it starts
         step = pool.launches[kw["launch_key"]]
         seen.append((kw["name"], list(pool.client.calls), step.nodes, step.ticket))
+        free.append(dict(pool.ledger.free))
 
     monkeypatch.setattr(pool_step, "pool_step", flow_run)
     small = {"nodes": 1, "ntasks": 2, "ntasks_per_node": 2}
@@ -308,6 +312,8 @@ def test_a_step_with_free_nodes_starts_its_srun_before_its_flow_run(monkeypatch)
     (name, calls, nodes, _), = seen
     assert name == "s1" and nodes == ["node1"] and calls[0] == "subscribe", seen
     assert calls[1][0] == "submit" and "--nodelist=node1" in calls[1][1], calls
+    # its srun ended (the fake's at once): its nodes were free before its flow run caught up
+    assert free == [{"node1": 4, "node2": 4}], free
     assert pool.ledger.free == {"node1": 4, "node2": 4} and pool.launches == {}  # freed
     assert "unsubscribe" in pool.client.calls
     seen.clear()

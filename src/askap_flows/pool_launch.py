@@ -82,6 +82,14 @@ class Launch:
             self.relayed.relay_to(self.log), self.log, self.relayed.add))
         self.future = client.submit(launch.mpi_step, step_spec(self.spec, nodes, self.pool.prolog),
                                     self.program, self.check_ranks, self.topic, pure=False)
+        self.future.add_done_callback(self._ended)
+
+    def _ended(self, future) -> None:
+        """The srun ended well: its nodes go to the next step at once, not once its flow run has
+        caught up (creating 8 flow runs at once takes seconds on 2 cores). A failed one keeps
+        them until its flow run has asked SLURM whether a node died (pool_step.run_step)."""
+        if future.status == "finished":
+            self.pool.release(self.ticket)
 
     def stop(self) -> None:
         """Give up on the step: a srun still running is killed (mpi_run.stop_step)."""
