@@ -5,7 +5,8 @@ MPI sub-flows share as ``srun --exact --nodelist ...`` job steps.
 tracked on the job board, ``--no-kill``, the worker exec'd: the hardening of a sub-flow's own
 cluster) and waits for its worker. ``mpi_subflow(..., pool=pool)`` then asks the pool's node ledger
 (ledger.py) for nodes, waits its turn there (first in, first out), and runs its step from a Dask
-task on the pool's worker (``launch.mpi_step``). Each step is its own Prefect flow run
+task on the pool's worker (``launch.mpi_step``), started before its flow run is created when the
+nodes are free (pool_launch.py). Each step is its own Prefect flow run
 (``mpi-pool-step``: pool_step.py); the pool is a markdown artifact on the flow run that opened it
 (pool_record.py). srun's ``--prolog`` names each step's SLURM step id (step_id.py).
 The job ends when the block ends (normally, on an exception, SIGINT or SIGTERM); after a SIGKILL
