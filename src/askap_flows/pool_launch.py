@@ -4,7 +4,7 @@ A step whose nodes are free when it is called starts its ``srun`` (a Dask task o
 worker, ``launch.mpi_step``) BEFORE its Prefect flow run is created, so that creating the flow run
 (about eight API requests, the largest fixed cost of a warm step: docs/development.md) overlaps
 the srun instead of coming before it. The program's lines wait in a ``LateLogger`` until the
-step's Prefect task takes them over: none is lost, and all of them still go to the task's log.
+step's flow run takes them over: none is lost, and all of them still go to the flow run's log.
 A step that must wait for nodes keeps its place in the ledger's queue (its ticket is taken at the
 call) and waits inside its flow run, visible in the UI as running, as before.
 

@@ -2,17 +2,18 @@
 
 The flow (``mpi-pool-step``) takes over its launch (pool_launch.py: its srun already runs when
 nodes were free at the call; otherwise it waits for nodes in the pool's ledger here and starts it),
-writes the program's lines to its task's log, and records the allocation's job id, the step's
-SLURM step id (its prolog's line: step_id.py), its nodes and the pool's dashboard link in ONE table
-artifact, written while the srun runs (one API request, off the step's critical path). A step
-whose node died fails with JobLost naming the node, and the pool stops using that node.
+writes the program's lines to its own log (no task run: ``run_step``), and records the
+allocation's job id, the step's SLURM step id (its prolog's line: step_id.py), its nodes and the
+pool's dashboard link in ONE table artifact, written while the srun runs (one API request, off
+the step's critical path). A step whose node died fails with JobLost naming the node, and the
+pool stops using that node.
 """
 
 from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from . import clusters, runners, slurm, slurm_query, watch
 from .flows import MPIRunResult
@@ -22,17 +23,17 @@ from .pool_record import record_step
 from .spec import MPISpec
 
 
-@task(name="mpi-pool-run")
-def run_step(pool_name: str, launch_key: str) -> dict:
-    """The step's srun (started by pool_launch.py, on the pool's worker): its lines to this task's
-    log, its record written while it runs, its outcome (JobLost when a node of it died)."""
-    pool, logger = open_pool(pool_name), get_run_logger()
-    step = pool.launches[launch_key]
+def run_step(pool: Pool, step, logger) -> dict:
+    """The step's srun (started by pool_launch.py, on the pool's worker): its lines to the flow
+    run's log, its record written while it runs, its outcome (JobLost when a node of it died).
+    No Prefect task of its own: a task run is 3 more API requests per step on Prefect 2 (create,
+    Running, Completed) and 3 events and its engine's work on Prefect 3, for nothing the flow run
+    does not show already."""
     step.log.attach(logger)
     future, nodes, recorded = step.future, step.nodes or [], False
     try:
         if named(step, NAMED_WITHIN):  # the UI's record while the srun still runs
-            recorded = record(pool, step)
+            recorded = record(pool, step, logger)
         job = watch.watch_job(future, pool.handle, logger, runners.shutting_down.is_set)
         try:
             data = future.result()
@@ -59,7 +60,7 @@ def run_step(pool_name: str, launch_key: str) -> dict:
     finally:
         step.close()
         if not recorded and not runners.shutting_down.is_set():
-            record(pool, step)
+            record(pool, step, logger)
 
 
 NAMED_WITHIN = 5.0  # seconds a step's record waits for its SLURM step id before the srun's end
@@ -81,13 +82,13 @@ def open_pool(pool_name: str) -> Pool:
     return pool
 
 
-def record(pool: Pool, step) -> bool:
+def record(pool: Pool, step, logger) -> bool:
     """The step's one artifact on its flow run (pool_record.record_step); True once written."""
     try:
         record_step(pool.job_id, step.catcher.step_id, pool.job_name, step.nodes or [],
                     pool.dashboard)
     except Exception as exc:  # noqa: BLE001 - the UI's record must not change the step's outcome
-        get_run_logger().warning("could not record the step in Prefect: %s", exc)
+        logger.warning("could not record the step in Prefect: %s", exc)
     return True
 
 
@@ -103,7 +104,7 @@ def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, na
                 step.start(pool.wait(step.ticket, spec, logger))
             started = time.time()
             logger.info("step of pool job %s on %s", pool.job_id, ",".join(step.nodes or []))
-            data = run_step(pool_name, launch_key)
+            data = run_step(pool, step, logger)
         finally:
             pool.release(step.ticket)
     except BaseException:
