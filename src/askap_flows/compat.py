@@ -188,87 +188,43 @@ def cancel_future(future) -> None:
 
 #: what sets Prefect 3's flow run heartbeat (a user's choice, which the pool then keeps)
 HEARTBEAT_VARS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
-_quiet_settings: dict[tuple, tuple[Any, Any]] = {}  # (id(settings), user's beat) -> (it, copy)
+_quiet_settings: dict[int, tuple[Any, Any]] = {}  # id(settings) -> (settings, its copy without)
 
 
 def without_flow_heartbeat(env=None):
-    """A context in which the flow runs started in this thread send no heartbeat (Prefect 3),
-    and, with an ``http://`` API, build their API clients' SSL context from ONE CA certificate.
+    """A context in which the flow runs started in this thread send no heartbeat (Prefect 3).
 
     Prefect 3.9 gives every flow run, sub-flows too, a heartbeat thread (every 180 s by default)
     and joins it when the run ends; the thread looks at its stop flag once a second, so every
     flow run's end waits 0.5 s on average (1 s at most). Pooled steps (seconds each) turn it off
     unless the user set the frequency (HEARTBEAT_VARS); the flow run that opens the pool keeps
-    its own. Every sub-flow also creates a new API client (for its parent's task run), and every
-    client loads the whole CA bundle into a verified SSL context (``api.ssl_cert_file``): a third
-    of a busy pool pipeline's CPU in py-spy, for a context that an ``http://`` API never uses
-    (a redirect to https would fail verification: closed, not open). The settings are made once
-    per settings object: a copy re-reads the environment and Prefect's files
-    (``temporary_settings`` per step cost as much CPU as creating the step's flow run). Prefect 2
-    has no such heartbeat: nothing to do."""
+    its own. The settings without it are made once per settings object: a copy re-reads the
+    environment and Prefect's files (``temporary_settings`` per step cost as much CPU as
+    creating the step's flow run). Prefect 2 has no such heartbeat: nothing to do."""
     import contextlib
     import os
 
     env = os.environ if env is None else env
-    if PREFECT_MAJOR < 3:
+    if PREFECT_MAJOR < 3 or any(env.get(v) for v in HEARTBEAT_VARS):
         return contextlib.nullcontext()
     # (the ignores: Prefect 2 has neither; only Prefect 3 gets here)
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import PREFECT_API_SSL_CERT_FILE
-    beat: Any = None  # None: a Prefect 3 from before flow run heartbeats, nothing to turn off
     try:
         from prefect.settings import (  # type: ignore[attr-defined, unused-ignore]
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         )
-        beat = PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-    except ImportError:
-        pass
+    except ImportError:  # a Prefect 3 from before flow run heartbeats: nothing to turn off
+        return contextlib.nullcontext()
 
     ctx = get_settings_context()
-    user_beat = any(env.get(v) for v in HEARTBEAT_VARS)
-    key = (id(ctx.settings), user_beat)
-    cached = _quiet_settings.get(key)
+    flows = getattr(ctx.settings, "flows", None)
+    if "heartbeat_frequency" in getattr(flows, "model_fields_set", ()):
+        return contextlib.nullcontext()  # the user set it (a profile, prefect.toml, .env)
+    cached = _quiet_settings.get(id(ctx.settings))
     if cached is None or cached[0] is not ctx.settings:
-        updates: dict = {}
-        flows = getattr(ctx.settings, "flows", None)
-        if beat is not None and not user_beat and "heartbeat_frequency" not in getattr(
-                flows, "model_fields_set", ()):  # else the user set it (a profile, prefect.toml)
-            updates[beat] = None
-        api = ctx.settings.api
-        if str(api.url or "").startswith("http://") and not api.tls_insecure_skip_verify:
-            cert = one_ca_file(ctx.settings.home)
-            if cert:
-                updates[PREFECT_API_SSL_CERT_FILE] = cert
-        quiet = ctx.settings.copy_with_update(updates=updates) if updates else None
+        quiet = ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
         if len(_quiet_settings) > 8:
             _quiet_settings.clear()
-        cached = _quiet_settings[key] = (ctx.settings, quiet)
-    if cached[1] is None:
-        return contextlib.nullcontext()
+        cached = _quiet_settings[id(ctx.settings)] = (ctx.settings, quiet)
     return SettingsContext(  # type: ignore[call-arg, unused-ignore]
         profile=ctx.profile, settings=cached[1])
-
-
-def one_ca_file(home) -> str | None:
-    """A PEM file of ONE CA certificate (certifi's first) under Prefect's home, written once: an
-    SSL context from it costs 0.3 ms, from the whole bundle 19 ms (None if it cannot be made)."""
-    import os
-    import re
-    from pathlib import Path
-
-    try:
-        import certifi
-
-        path = Path(home) / "askap_flows_one_ca.pem"
-        if not path.exists():
-            m = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----",
-                          Path(certifi.where()).read_text(), re.S)
-            if m is None:
-                return None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(m.group(0) + "\n")
-            os.replace(tmp, path)
-        return str(path)
-    except (OSError, ImportError):
-        return None
