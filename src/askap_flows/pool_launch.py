@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -69,6 +70,7 @@ class Launch:
         self.log, self.relayed, self.catcher = LateLogger(), LineCount(), StepIdCatcher()
         self.nodes: list[str] | None = None
         self.future: Any = None
+        self.called = self.started = time.time()  # the call; the srun's submit (MPIRunResult)
         self.claimed = False
         self.ticket, nodes = pool.request(spec)
         if nodes is not None:
@@ -76,7 +78,7 @@ class Launch:
 
     def start(self, nodes: list[str]) -> None:
         """Run the step's srun on these nodes (a Dask task on the pool's worker)."""
-        self.nodes = nodes
+        self.nodes, self.started = nodes, time.time()
         client = self.pool.client
         client.subscribe_topic(self.topic, self.catcher.wrap(
             self.relayed.relay_to(self.log), self.log, self.relayed.add))

@@ -95,14 +95,12 @@ def record(pool: Pool, step, logger) -> bool:
 @flow(name="mpi-pool-step", flow_run_name="{name}", validate_parameters=False)
 def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, name: str,
               launch_key: str):
-    called = time.time()
     pool, logger = open_pool(pool_name), get_run_logger()
     step = claim(pool, launch_key)
     try:
         try:
             if step.nodes is None:  # it waits for its turn in the pool's queue
                 step.start(pool.wait(step.ticket, spec, logger))
-            started = time.time()
             logger.info("step of pool job %s on %s", pool.job_id, ",".join(step.nodes or []))
             data = run_step(pool, step, logger)
         finally:
@@ -117,5 +115,6 @@ def pool_step(spec: MPISpec, program: str, check_ranks: bool, pool_name: str, na
     return MPIRunResult(
         name=name, backend="slurm", job_id=pool.job_id, nodes=nodes, dashboard=pool.dashboard,
         exit_code=data["exit_code"], seconds=data["seconds"], command=data["command"],
-        ranks=data["ranks"], timings={"queue_wait": started - called, "srun": data["seconds"],
-                                      "total": time.time() - called}, step_id=data["step_id"])
+        ranks=data["ranks"], timings={"queue_wait": step.started - step.called,
+                                      "srun": data["seconds"], "total": time.time() - step.called},
+        step_id=data["step_id"])
