@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from askap_flows import slurm_query
-from conftest import run_main
+from conftest import askap_jobs, run_main
 
 pytestmark = pytest.mark.slurm
 
@@ -60,3 +60,18 @@ def flow_run_created(name: str) -> float:
         (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
             any_=[name])))
     return run.created.timestamp()
+
+
+def test_a_cluster_no_flow_run_used_is_closed_with_its_job(no_jobs_left):
+    """Prefect 3 builds a SLURM sub-flow's cluster before its flow run: when no flow run gets to
+    use it (its creation failed, an interrupt came first), leaving the block closes it."""
+    from askap_flows import compat, runners
+    from askap_flows.resolve import resolve
+
+    alloc = resolve("testbed", backend="slurm").allocation_spec()
+    with runners.cluster_for_run(alloc, "slurm") as run:
+        built = runners._built.get(run.token)
+    if compat.PREFECT_MAJOR >= 3:
+        assert built is not None and built.status.name == "closed", built
+    assert runners._built == {}
+    assert askap_jobs(run.job_name) == []

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,27 +166,25 @@ def cluster_for_run(alloc: AllocationSpec, backend: str,
         handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend,
                                 alloc.clusters)
         context = jobs.StepContext(step, handle, release_nodes=True) if step else None
-        board.board().track(job_name, alloc.clusters)
-        built = None
-        try:
+        with ExitStack() as stack:  # its callbacks run last to first, each whatever the others do
+            board.board().track(job_name, alloc.clusters)
+            stack.callback(board.board().untrack, job_name)
+            stack.callback(jobs.cancel_named, job_name, clusters_=alloc.clusters)
             runner = slurm_runner(kwargs, alloc.clusters, context)
             if compat.PREFECT_MAJOR >= 3:  # submit the job now, before the flow run is created
-                built = _built[token] = step_cluster(**runner.cluster_kwargs)
+                _built[token] = step_cluster(**runner.cluster_kwargs)
+                stack.callback(_close_unused, token)
                 # ignore: Prefect 3 types cluster_class a callable without arguments
                 runner = DaskTaskRunner(cluster_class=prebuilt,  # type: ignore[arg-type, unused-ignore]
                                         cluster_kwargs={"askap_run": token})
             yield RunCluster(runner, handle)
-        finally:
-            try:
-                # closed at the flow run's end, unless no flow run got to use it
-                if built is not None and built.status not in (Status.closing, Status.closed):
-                    built.__exit__(None, None, None)
-                _built.pop(token, None)
-            finally:
-                try:
-                    jobs.cancel_named(job_name, clusters_=alloc.clusters)
-                finally:
-                    board.board().untrack(job_name)
+
+
+def _close_unused(token: str) -> None:
+    """The flow run closed its cluster at its end; close it here if no flow run got to use it."""
+    built = _built.pop(token)
+    if built.status not in (Status.closing, Status.closed):
+        built.__exit__(None, None, None)
 
 
 def active_job_names() -> set[str]:
