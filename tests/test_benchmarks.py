@@ -124,6 +124,12 @@ def _check_targets(data: dict) -> None:
              if (p["kind"], p["program"]) == ("pipeline", t["rate_program"])}
     assert {str(k): v for k, v in t["pipeline_queries_per_second_running"].items()} == rates
     assert t["rate_at_most_1"] == all(r <= 1 for r in rates.values())
+    own = {p["n"]: round((p["running_queries"] - p["running_queries_by_type"].get(
+        "REQUEST_HET_JOB_ALLOC_INFO", 0)) / p["counted_seconds"], 3) for p in phases
+        if (p["kind"], p["program"]) == ("pipeline", t["rate_program"])}
+    assert {int(k): v for k, v in t["own_queries_per_second_running"].items()} == own
+    lo, hi = own[min(own)], own[max(own)]
+    assert t["rate_independent_of_n"] == (abs(hi / lo - 1) <= 0.10)
     assert t["per_subflow_over_floor_at_most_3"] == all(
         v <= 3 for v in t["per_subflow_over_floor"].values())
     assert t["latency_p95_seconds"] == data["latency"]["p95_seconds_to_fail"]

@@ -223,8 +223,8 @@ def test_unreachable_database_names_cause_and_fix():
     url = database_url.postgres_url(ADDRESS, port, "prefect", "pw")
     started = time.monotonic()
     with pytest.raises(DatabaseError) as err:
-        database_reach.check_reachable(url, timeout=3)
-    assert time.monotonic() - started < 3
+        database_reach.check_reachable(url, timeout=30)
+    assert time.monotonic() - started < 15  # refused at once: the 30-s timeout was not waited out
     msg = str(err.value)
     assert f"cannot reach PostgreSQL at {ADDRESS}:{port}: connection refused" in msg
     assert "Is the database server up?" in msg

