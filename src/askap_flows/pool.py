@@ -161,11 +161,6 @@ class Pool:
             raise
         return nodes
 
-    def acquire(self, spec: MPISpec, logger) -> tuple[int, list[str]]:
-        """Wait (first in, first out) for nodes for this step; (ticket, nodes)."""
-        ticket, nodes = self.request(spec)
-        return ticket, nodes if nodes is not None else self.wait(ticket, spec, logger)
-
     def _assign(self) -> None:
         if self.ledger.assign():
             self._cond.notify_all()

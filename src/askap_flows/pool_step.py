@@ -33,7 +33,8 @@ def run_step(pool: Pool, step, logger) -> dict:
     future, nodes, recorded = step.future, step.nodes or [], False
     try:
         if named(step, NAMED_WITHIN):  # the UI's record while the srun still runs
-            recorded = record(pool, step, logger)
+            record(pool, step, logger)
+            recorded = True
         job = watch.watch_job(future, pool.handle, logger, runners.shutting_down.is_set)
         try:
             data = future.result()
@@ -82,14 +83,13 @@ def open_pool(pool_name: str) -> Pool:
     return pool
 
 
-def record(pool: Pool, step, logger) -> bool:
-    """The step's one artifact on its flow run (pool_record.record_step); True once written."""
+def record(pool: Pool, step, logger) -> None:
+    """The step's one artifact on its flow run (pool_record.record_step)."""
     try:
         record_step(pool.job_id, step.catcher.step_id, pool.job_name, step.nodes or [],
                     pool.dashboard)
     except Exception as exc:  # noqa: BLE001 - the UI's record must not change the step's outcome
         logger.warning("could not record the step in Prefect: %s", exc)
-    return True
 
 
 @flow(name="mpi-pool-step", flow_run_name="{name}", validate_parameters=False)
