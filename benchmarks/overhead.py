@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
+import _dask_floor
 import _pool_bench
 
 from askap_flows import mpi  # noqa: E402
@@ -203,6 +204,8 @@ def main() -> int:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--pool", action="store_true",
                    help="also run W through a warm allocation pool and a cold one (pool.py)")
+    p.add_argument("--dask", action="store_true",
+                   help="also run W and one run alone through stock dask-jobqueue, no Prefect")
     args = p.parse_args()
     if args.quick:
         args.runs, args.reps = 2, 1
@@ -233,6 +236,11 @@ def main() -> int:
                             run_floor(1, alloc, spec, program, work, f"{tag}-{r}-single")
                             if kind == "floor" else
                             run_subflow_batch(1, program, f"{tag}-{r}-single"))
+                if args.dask:  # the design's own floor: a Dask cluster per run, no Prefect
+                    _bench.say(f"repetition {r + 1}/{args.reps}: stock dask-jobqueue x {args.runs}")
+                    for kind, n in (("dask", args.runs), ("dask_single", 1)):
+                        rep[kind] = _dask_floor.run_dask_floor(n, alloc, spec, program, work,
+                                                               f"{tag}-{r}-{kind}", PREFIX)
                 if args.pool:  # the pool holds every node: measured apart from the others
                     _bench.say(f"repetition {r + 1}/{args.reps}: pool (cold, warm) x {args.runs}")
                     rep.update(_pool_bench.run_pool_kinds(args.runs, MPI, program,
@@ -242,7 +250,8 @@ def main() -> int:
     finally:
         cleanup_jobs()
     summary = {k: summarize([r[k] for r in reps if k in r], k)
-               for k in ("floor", "subflows", "floor_single", "subflows_single", "srun_w",
+               for k in ("floor", "subflows", "floor_single", "subflows_single", "dask",
+                         "dask_single", "srun_w",
                          "srun_single", "pool_cold", "pool_warm", "pool_warm_single")
                if any(k in r for r in reps)}
     for kind in ("floor", "subflows"):
@@ -256,6 +265,8 @@ def main() -> int:
         "ratio_latency": over(summary, "subflows", "floor", "median_latency_seconds",
                               "median_latency_seconds"),
         "ratio_single": over(summary, "subflows_single", "floor_single"),
+        "ratio_dask_wall": over(summary, "dask", "floor"),
+        "ratio_dask_single": over(summary, "dask_single", "floor_single"),
         "ratio_pool_warm": over(summary, "pool_warm", "floor"),
         "ratio_pool_cold": over(summary, "pool_cold", "floor"),
         # the mpi_subflow call itself (its latency): the wall time adds the parent flow run
@@ -265,6 +276,8 @@ def main() -> int:
         "pool_breakdown": ({k: pool_breakdown([r[k] for r in reps])
                             for k in ("pool_cold", "pool_warm", "pool_warm_single")}
                            if "pool_warm" in summary else None),
+        "dask_breakdown": ({k: pool_breakdown([r[k] for r in reps]) for k in ("dask", "dask_single")}
+                           if "dask" in summary else None),
         "subflow_breakdown": breakdown([r["subflows"] for r in reps]),
         "subflow_single_breakdown": (breakdown([r["subflows_single"] for r in reps])
                                      if "subflows_single" in summary else None),

@@ -34,11 +34,31 @@ def overhead(d: dict) -> str:
                    f"{_f(s['subflows_single']['median_wall_seconds'], 2)} s | "
                    f"{_f(d['ratio_single'], 2)}x | {s['floor_single']['failures']} / "
                    f"{s['subflows_single']['failures']} |")
+    if d.get("ratio_dask_wall"):
+        out += ["", "The same runs through stock dask-jobqueue alone (a `SLURMCluster`, a `Client`, "
+                "the srun task, the close; no Prefect, no askap_flows run machinery):", "",
+                "| workload | bare sbatch (floor) | stock dask-jobqueue | ratio | askap_flows over it "
+                "| failures |", "|---|---|---|---|---|---|"]
+        for label, kind, floor, sub in (("W, wall time", "dask", "floor", "subflows"),
+                                        ("one run alone", "dask_single", "floor_single",
+                                         "subflows_single")):
+            if kind in s and sub in s:
+                a_, f_, d_ = (s[k]["median_wall_seconds"] for k in (sub, floor, kind))
+                out.append(f"| {label} | {_f(f_, 2)} s | {_f(d_, 2)} s | {_f(d_ / f_, 2)}x | "
+                           f"{_f(a_ / d_, 2)}x | {s[kind]['failures']} |")
     out += ["", "Where a sub-flow's time goes (median seconds per phase, `MPIRunResult.timings`):", "",
             f"| phase | in W ({d['workload']['runs']} at once) | alone |", "|---|---|---|"]
     single = d.get("subflow_single_breakdown") or {}
     for phase, v in d["subflow_breakdown"].items():
         out.append(f"| {phase} | {_f(v, 2)} | {_f(single.get(phase), 2)} |")
+    dask = d.get("dask_breakdown") or {}
+    if dask:
+        out += ["", "Stock dask-jobqueue alone (median seconds per phase: `start` until the job's "
+                "worker connected, `task` the srun task, `close` until SLURM no longer lists the "
+                "job):", "", f"| phase | in W ({d['workload']['runs']} at once) | alone |",
+                "|---|---|---|"]
+        for phase, v in dask["dask"].items():
+            out.append(f"| {phase} | {_f(v, 2)} | {_f(dask['dask_single'].get(phase), 2)} |")
     return "\n".join(out)
 
 

@@ -31,7 +31,7 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 @pytest.mark.slurm
 @pytest.mark.once  # the overhead benchmark runs under Prefect 3 (benchmarks/README.md)
 def test_overhead_quick(tmp_path):
-    data = _run("overhead", tmp_path)
+    data = _run("overhead", tmp_path, "--dask")
     runs = data["workload"]["runs"]
     assert data["quick"] and data["workload"]["reps"] == 1 and runs == 2
     assert data["workload"]["srun"][:2] == ["srun", "--mpi=pmi2"]
@@ -52,6 +52,13 @@ def test_overhead_quick(tmp_path):
         assert abs(sum(t[p] for p in PHASES) - t["total"]) < 0.01
         assert t["total"] <= max(rep["subflows"]["latencies"]) + 0.01
     assert set(data["subflow_breakdown"]) == {*PHASES, "total"}
+    # --dask: the same runs through stock dask-jobqueue, no Prefect (the design's own floor)
+    assert rep["dask"]["failures"] == 0, rep["dask"]["errors"]
+    assert data["ratio_dask_wall"] == round(data["summary"]["dask"]["median_wall_seconds"]
+                                            / data["summary"]["floor"]["median_wall_seconds"], 3)
+    for t in rep["dask"]["timings"] + rep["dask_single"]["timings"]:
+        assert abs(t["start"] + t["task"] + t["close"] - t["total"]) < 0.01 and t["task"] > 0
+    assert sorted(t["total"] for t in rep["dask"]["timings"]) == rep["dask"]["latencies"]
 
 
 @pytest.mark.postgres
