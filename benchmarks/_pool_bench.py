@@ -2,6 +2,7 @@
 
 * pool_cold: W through a pool opened and closed inside the timing (``allocation(...)`` of 3 nodes).
 * pool_warm / pool_warm_single: W, and one sub-flow alone, through a pool opened before.
+* prefect_w: Prefect's own floor, W's sub-flow runs with an empty body (no SLURM, no Dask).
 * srun_w / srun_single: the bare floor of a pool, measured in the same repetition: ONE held
   ``salloc --no-shell`` of the same 3 nodes, then the same ``srun`` lines (with ``--jobid`` and
   ``--exact``) started by hand, all W at once and one alone. No Prefect, no Dask.
@@ -66,6 +67,42 @@ def run_pool_batch(n: int, mpi: dict, program: str, tag: str, pool=None) -> dict
     return result
 
 
+def run_empty_batch(n: int) -> dict:
+    """Prefect's own floor for a pooled W: n sub-flow runs with an empty body at once inside one
+    parent flow, each started as a pooled step's is (no heartbeat), no SLURM, no Dask. What
+    every step being its own flow run (issue 15) costs on this machine by itself."""
+    from prefect import flow
+
+    from askap_flows import compat
+    from askap_flows.composition import run_subflows
+
+    latencies: dict[int, float] = {}
+
+    @flow(name="bench-empty-step", validate_parameters=False)
+    def step(i: int):
+        return i
+
+    def timed(i: int):
+        t = time.monotonic()
+        try:
+            with compat.without_flow_heartbeat():
+                return step(i)
+        finally:
+            latencies[i] = time.monotonic() - t
+
+    @flow(name="bench-empty", validate_parameters=False)
+    def parent(count: int):
+        return run_subflows([functools.partial(timed, i) for i in range(count)],
+                            max_concurrent=count)
+
+    started = time.monotonic()
+    outcomes = parent(n)
+    return {"n": n, "wall_seconds": round(time.monotonic() - started, 3),
+            "failures": sum(not o.ok for o in outcomes),
+            "errors": [str(o.error)[:200] for o in outcomes if not o.ok][:3],
+            "latencies": sorted(round(v, 3) for v in latencies.values())}
+
+
 @contextmanager
 def held_salloc(tag: str):
     """One ``salloc --no-shell`` of the pool's nodes (what a user holding nodes by hand does);
@@ -111,7 +148,7 @@ def run_pool_kinds(n: int, mpi: dict, program: str, argv: list[str], tag: str) -
     then pool_warm and pool_warm_single through a pool opened before the timing starts."""
     from askap_flows import allocation
 
-    out = {}
+    out = {"prefect_w": run_empty_batch(n)}
     with held_salloc(tag) as job_id:
         out["srun_w"] = run_sruns(n, job_id, argv, mpi["ntasks"])
         out["srun_single"] = run_sruns(1, job_id, argv, mpi["ntasks"])

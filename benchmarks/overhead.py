@@ -251,7 +251,7 @@ def main() -> int:
         cleanup_jobs()
     summary = {k: summarize([r[k] for r in reps if k in r], k)
                for k in ("floor", "subflows", "floor_single", "subflows_single", "dask",
-                         "dask_single", "srun_w",
+                         "dask_single", "prefect_w", "srun_w",
                          "srun_single", "pool_cold", "pool_warm", "pool_warm_single")
                if any(k in r for r in reps)}
     for kind in ("floor", "subflows"):
@@ -273,6 +273,7 @@ def main() -> int:
         "ratio_pool_single_srun": over(summary, "pool_warm_single", "srun_single",
                                        "median_latency_seconds"),
         "ratio_srun_w": over(summary, "srun_w", "floor"),
+        "ratio_prefect_w": over(summary, "prefect_w", "floor"),
         "pool_breakdown": ({k: pool_breakdown([r[k] for r in reps])
                             for k in ("pool_cold", "pool_warm", "pool_warm_single")}
                            if "pool_warm" in summary else None),

@@ -86,6 +86,8 @@ def pool(d: dict) -> str:
                     "<= 1.5x", "median_latency_seconds"),
                 row("the same, with its parent flow run", "pool_warm_single", "srun_single", "-"),
                 row("W by hand: 8 bare srun in a held salloc", "srun_w", "floor", "-"),
+                *([row("W's 8 sub-flow runs with an empty body (Prefect alone)", "prefect_w",
+                       "floor", "-")] if "prefect_w" in s else []),
                 last_row(d, "pool_warm"),
                 row("W, warm pool, against W by hand", "pool_warm", "srun_w", "-")]
     bd = d.get("pool_breakdown") or {}

@@ -207,12 +207,15 @@ def test_overhead_pool_quick(tmp_path):
     a held salloc, all in one repetition."""
     data = _run("overhead", tmp_path, "--pool")
     (rep,) = data["repetitions"]
-    for kind in ("srun_w", "srun_single", "pool_cold", "pool_warm", "pool_warm_single"):
+    for kind in ("prefect_w", "srun_w", "srun_single", "pool_cold", "pool_warm",
+                 "pool_warm_single"):
         sample = rep[kind]
         assert sample["failures"] == 0, (kind, sample["errors"])
         assert len(sample["latencies"]) == (1 if kind.endswith("single") else 2)
         assert data["summary"][kind]["median_wall_seconds"] == sample["wall_seconds"]
     s = data["summary"]
+    assert data["ratio_prefect_w"] == round(s["prefect_w"]["median_wall_seconds"]
+                                            / s["floor"]["median_wall_seconds"], 3)
     assert data["ratio_pool_single_srun"] == round(s["pool_warm_single"]["median_latency_seconds"]
                                                    / s["srun_single"]["median_wall_seconds"], 3)
     for t in rep["pool_warm"]["timings"]:
