@@ -67,6 +67,30 @@ def run_pool_batch(n: int, mpi: dict, program: str, tag: str, pool=None) -> dict
     return result
 
 
+def batch_flow(name: str, call):
+    """A parent flow that runs ``call(i)`` for i < count at once through ``run_subflows``, and the
+    dict its calls' latencies are written to: (parent, latencies)."""
+    from prefect import flow
+
+    from askap_flows.composition import run_subflows
+
+    latencies: dict[int, float] = {}
+
+    def timed(i: int):
+        t = time.monotonic()
+        try:
+            return call(i)
+        finally:
+            latencies[i] = time.monotonic() - t
+
+    @flow(name=name, validate_parameters=False)
+    def parent(count: int):
+        return run_subflows([functools.partial(timed, i) for i in range(count)],
+                            max_concurrent=count)
+
+    return parent, latencies
+
+
 def run_empty_batch(n: int) -> dict:
     """Prefect's own floor for a pooled W: n sub-flow runs with an empty body at once inside one
     parent flow, each started as a pooled step's is (no heartbeat), no SLURM, no Dask. What
@@ -74,27 +98,16 @@ def run_empty_batch(n: int) -> dict:
     from prefect import flow
 
     from askap_flows import compat
-    from askap_flows.composition import run_subflows
-
-    latencies: dict[int, float] = {}
 
     @flow(name="bench-empty-step", validate_parameters=False)
     def step(i: int):
         return i
 
-    def timed(i: int):
-        t = time.monotonic()
-        try:
-            with compat.without_flow_heartbeat():
-                return step(i)
-        finally:
-            latencies[i] = time.monotonic() - t
+    def call(i: int):
+        with compat.without_flow_heartbeat():
+            return step(i)
 
-    @flow(name="bench-empty", validate_parameters=False)
-    def parent(count: int):
-        return run_subflows([functools.partial(timed, i) for i in range(count)],
-                            max_concurrent=count)
-
+    parent, latencies = batch_flow("bench-empty", call)
     started = time.monotonic()
     outcomes = parent(n)
     return {"n": n, "wall_seconds": round(time.monotonic() - started, 3),

@@ -25,7 +25,6 @@ server on loopback for the run. Its SLURM jobs are named askapbench-*; nothing e
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 import subprocess
 import sys
@@ -129,26 +128,11 @@ def timed_batch(parent, n: int, latencies: dict) -> dict:
 
 def run_subflow_batch(n: int, program: str, tag: str) -> dict:
     """n mpi_subflow calls at once inside one parent flow; wall time around the parent call."""
-    from prefect import flow
-
-    from askap_flows.composition import run_subflows
     from askap_flows.flows import mpi_subflow
 
-    latencies: dict[int, float] = {}
-
-    def timed(i: int):
-        t = time.monotonic()
-        try:
-            return mpi_subflow(MPI, ALLOC, backend="slurm", profile="testbed", program=program,
-                               name=f"{PREFIX}-{tag}-{i}")
-        finally:
-            latencies[i] = time.monotonic() - t
-
-    @flow(name="bench-overhead", validate_parameters=False)
-    def parent(count: int):
-        return run_subflows([functools.partial(timed, i) for i in range(count)],
-                            max_concurrent=count)
-
+    parent, latencies = _pool_bench.batch_flow("bench-overhead", lambda i: mpi_subflow(
+        MPI, ALLOC, backend="slurm", profile="testbed", program=program,
+        name=f"{PREFIX}-{tag}-{i}"))
     result = timed_batch(parent, n, latencies)
     result["timings"] = [{k: round(v, 3) for k, v in o.value.timings.items()}
                          for o in result.pop("outcomes") if o.ok]
