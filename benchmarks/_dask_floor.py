@@ -1,5 +1,5 @@
-"""The design's own floor for benchmarks/overhead.py (``--dask``): the same MPI runs through stock
-dask-jobqueue alone, no Prefect and none of askap_flows' run machinery.
+"""Stock dask-jobqueue alone, for benchmarks/overhead.py (``--dask``): the same MPI runs through
+dask-jobqueue as hand-written code would use it, no Prefect and none of askap_flows' machinery.
 
 For each run: ``dask_jobqueue.SLURMCluster`` with the library's rendered job (the same sbatch
 header, environment and Dask worker line as a sub-flow's cluster), a ``distributed.Client``, one
@@ -8,9 +8,11 @@ client's and the cluster's close (stock: ``scancel`` of the job). Completion: th
 and SLURM no longer lists the job as pending, running or completing (polled every 0.1 s), as the
 bare floor's completion is judged.
 
-What this shows: the part of a sub-flow's cost that a Dask cluster per run costs by itself (the
-job's Python worker start, its connection, the task round trip, the close), against which the
-askap_flows sub-flow (Prefect flow run, ports, job board, checks) can be set.
+What this shows: what a Dask cluster per run costs when built by hand (the job's Python worker
+start, its connection, the task round trip, stock's close), beside the askap_flows sub-flow
+(Prefect flow run, ports, job board, checks, the retiring close). It is not a lower bound of the
+design: stock's close (``scancel`` of a job whose worker still runs) sometimes waits out SLURM's
+KillWait, and in W the other runs' jobs queue behind it.
 
 Imported by overhead.py after ``_bench`` (which puts src/ on sys.path).
 """
@@ -25,14 +27,17 @@ from pathlib import Path
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED")
 
 
-def _job_gone(job_id: str, deadline: float) -> None:
+def _job_gone(job_id: str, wait: float) -> None:
+    """Until SLURM no longer lists the job as pending, running or completing (``squeue`` every
+    0.1 s; a failed ``squeue`` is asked again, not taken for the job's end)."""
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                             text=True).stdout.split()
-        if not any(state in ACTIVE for state in out):
+        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True)
+        if res.returncode == 0 and not any(state in ACTIVE for state in res.stdout.split()):
             return
         time.sleep(0.1)
-    raise SystemExit(f"job {job_id} of the Dask floor did not end within 120 s")
+    raise RuntimeError(f"job {job_id} of stock dask-jobqueue did not end within {wait:g} s")
 
 
 def one_run(alloc, spec, program: str, name: str, log_dir: Path) -> tuple[dict, str]:
@@ -46,17 +51,22 @@ def one_run(alloc, spec, program: str, name: str, log_dir: Path) -> tuple[dict, 
 
     t0 = time.monotonic()
     kwargs = slurm.run_cluster_kwargs(alloc, name, log_dir)
-    with SLURMCluster(**kwargs) as cluster:
-        job_id = str(next(iter(cluster.workers.values())).job_id)
-        with Client(cluster) as client:
-            client.wait_for_workers(1, timeout=120)
-            t1 = time.monotonic()
-            # subprocess.run itself: the worker unpickles it by reference (this module is not
-            # importable there)
-            res = client.submit(subprocess.run, mpi.launch_command(spec, program),
-                                capture_output=True, text=True, timeout=300, pure=False).result()
-            t2 = time.monotonic()
-    _job_gone(job_id, time.monotonic() + 120)
+    job_id = None
+    try:
+        with SLURMCluster(**kwargs) as cluster:
+            job_id = str(next(iter(cluster.workers.values())).job_id)
+            with Client(cluster) as client:
+                client.wait_for_workers(1, timeout=120)
+                t1 = time.monotonic()
+                # subprocess.run itself: the worker unpickles it by reference (this module is
+                # not importable there)
+                res = client.submit(subprocess.run, mpi.launch_command(spec, program),
+                                    capture_output=True, text=True, timeout=300,
+                                    pure=False).result()
+                t2 = time.monotonic()
+    finally:  # a failed run too: the next measurement must not start beside its job
+        if job_id is not None:
+            _job_gone(job_id, 120)
     t3 = time.monotonic()
     phases = {"start": t1 - t0, "task": t2 - t1, "close": t3 - t2, "total": t3 - t0}
     return {k: round(v, 3) for k, v in phases.items()}, res.stdout + res.stderr

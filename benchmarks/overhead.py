@@ -220,7 +220,7 @@ def main() -> int:
                             run_floor(1, alloc, spec, program, work, f"{tag}-{r}-single")
                             if kind == "floor" else
                             run_subflow_batch(1, program, f"{tag}-{r}-single"))
-                if args.dask:  # the design's own floor: a Dask cluster per run, no Prefect
+                if args.dask:  # stock dask-jobqueue alone: a Dask cluster per run by hand, no Prefect
                     _bench.say(f"repetition {r + 1}/{args.reps}: stock dask-jobqueue x {args.runs}")
                     for kind, n in (("dask", args.runs), ("dask_single", 1)):
                         rep[kind] = _dask_floor.run_dask_floor(n, alloc, spec, program, work,

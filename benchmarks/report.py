@@ -57,8 +57,9 @@ def overhead(d: dict) -> str:
                 "worker connected, `task` the srun task, `close` until SLURM no longer lists the "
                 "job):", "", f"| phase | in W ({d['workload']['runs']} at once) | alone |",
                 "|---|---|---|"]
-        for phase, v in dask["dask"].items():
-            out.append(f"| {phase} | {_f(v, 2)} | {_f(dask['dask_single'].get(phase), 2)} |")
+        for phase in ("start", "task", "close", "total"):
+            out.append(f"| {phase} | {_f(dask['dask'].get(phase), 2)} | "
+                       f"{_f(dask['dask_single'].get(phase), 2)} |")
     return "\n".join(out)
 
 

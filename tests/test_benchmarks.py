@@ -52,7 +52,7 @@ def test_overhead_quick(tmp_path):
         assert abs(sum(t[p] for p in PHASES) - t["total"]) < 0.01
         assert t["total"] <= max(rep["subflows"]["latencies"]) + 0.01
     assert set(data["subflow_breakdown"]) == {*PHASES, "total"}
-    # --dask: the same runs through stock dask-jobqueue, no Prefect (the design's own floor)
+    # --dask: the same runs through stock dask-jobqueue, no Prefect (by hand)
     assert rep["dask"]["failures"] == 0, rep["dask"]["errors"]
     assert data["ratio_dask_wall"] == round(data["summary"]["dask"]["median_wall_seconds"]
                                             / data["summary"]["floor"]["median_wall_seconds"], 3)
