@@ -166,6 +166,7 @@ def test_a_finished_run_had_one_prefect_server(tmp_path, hello_program):
 
 
 @pytest.mark.mpi
+@pytest.mark.once  # the lock is askap_flows' own (server.py), around either major's server start
 def test_two_runs_started_at_the_same_instant_in_one_directory_both_complete(tmp_path, hello_program):
     """Both started a server on ./.askap_flows/prefect<major>/prefect.db and both ran Prefect's
     migrations at once: one server died with an alembic error (about half of the tries). Servers
