@@ -24,20 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED")
-
-
-def _job_gone(job_id: str, wait: float) -> None:
-    """Until SLURM no longer lists the job as pending, running or completing (``squeue`` every
-    0.1 s; a failed ``squeue`` is asked again, not taken for the job's end)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                             text=True)
-        if res.returncode == 0 and not any(state in ACTIVE for state in res.stdout.split()):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"job {job_id} of stock dask-jobqueue did not end within {wait:g} s")
+import _batch
 
 
 def one_run(alloc, spec, program: str, name: str, log_dir: Path) -> tuple[dict, str]:
@@ -66,7 +53,7 @@ def one_run(alloc, spec, program: str, name: str, log_dir: Path) -> tuple[dict, 
                 t2 = time.monotonic()
     finally:  # a failed run too: the next measurement must not start beside its job
         if job_id is not None:
-            _job_gone(job_id, 120)
+            _batch.wait_jobs_gone([job_id], 120)
     t3 = time.monotonic()
     phases = {"start": t1 - t0, "task": t2 - t1, "close": t3 - t2, "total": t3 - t0}
     return {k: round(v, 3) for k, v in phases.items()}, res.stdout + res.stderr
@@ -90,7 +77,7 @@ def run_dask_floor(n: int, alloc, spec, program: str, work: Path, tag: str,
                 mpi.check_world(mpi.parse_ranks(text), spec)
                 results.append(phases)
             except Exception as exc:  # noqa: BLE001 - counted as a failure, reported in the JSON
-                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                errors.append(_batch.error_line(exc))
     wall = time.monotonic() - started
     return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors),
             "errors": errors[:3], "latencies": sorted(r["total"] for r in results),

@@ -12,83 +12,34 @@ Imported by overhead.py after ``_bench`` (which puts src/ on sys.path).
 
 from __future__ import annotations
 
-import functools
 import re
 import subprocess
 import time
 from contextlib import contextmanager, nullcontext
 
+import _batch
+
 PREFIX = "askapbench"
 POOL = {"nodes": 3, "ntasks_per_node": 4, "walltime": "00:20:00", "job_name_prefix": PREFIX}
-
-
-def timed_batch(parent, n: int, latencies: dict, ntasks: int) -> dict:
-    """Run ``parent(n)`` (a flow of n sub-flows); its wall time, failures and latencies."""
-    started = time.monotonic()
-    outcomes = parent(n)
-    wall = time.monotonic() - started
-    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
-              for o in outcomes if not o.ok]
-    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != ntasks]
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
-            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
-            "outcomes": outcomes}
 
 
 def run_pool_batch(n: int, mpi: dict, program: str, tag: str, pool=None) -> dict:
     """n ``mpi_subflow(..., pool=...)`` calls at once inside one parent flow: through ``pool``
     (warm: its job already runs) or through a pool opened and closed inside the timing (cold)."""
-    from prefect import flow
-
     from askap_flows import allocation
-    from askap_flows.composition import run_subflows
     from askap_flows.flows import mpi_subflow
 
-    latencies: dict[int, float] = {}
-
-    def timed(held, i: int):
-        t = time.monotonic()
-        try:
-            return mpi_subflow(mpi, program=program, name=f"{PREFIX}-pool-{tag}-{i}", pool=held)
-        finally:
-            latencies[i] = time.monotonic() - t
-
-    @flow(name="bench-pool", validate_parameters=False)
-    def parent(count: int):
-        with (nullcontext(pool) if pool is not None else
-              allocation(profile="testbed", **POOL)) as held:
-            return run_subflows([functools.partial(timed, held, i) for i in range(count)],
-                                max_concurrent=count)
-
-    result = timed_batch(parent, n, latencies, mpi["ntasks"])
+    parent, latencies = _batch.batch_flow(
+        "bench-pool",
+        lambda held, i: mpi_subflow(mpi, program=program, name=f"{PREFIX}-pool-{tag}-{i}",
+                                    pool=held),
+        lambda: (nullcontext(pool) if pool is not None
+                 else allocation(profile="testbed", **POOL)))
+    result = _batch.timed_batch(parent, n, latencies, mpi["ntasks"])
     outcomes = result.pop("outcomes")
     result["timings"] = [{k: round(v, 3) for k, v in o.value.timings.items()}
                          for o in outcomes if o.ok]
     return result
-
-
-def batch_flow(name: str, call):
-    """A parent flow that runs ``call(i)`` for i < count at once through ``run_subflows``, and the
-    dict its calls' latencies are written to: (parent, latencies)."""
-    from prefect import flow
-
-    from askap_flows.composition import run_subflows
-
-    latencies: dict[int, float] = {}
-
-    def timed(i: int):
-        t = time.monotonic()
-        try:
-            return call(i)
-        finally:
-            latencies[i] = time.monotonic() - t
-
-    @flow(name=name, validate_parameters=False)
-    def parent(count: int):
-        return run_subflows([functools.partial(timed, i) for i in range(count)],
-                            max_concurrent=count)
-
-    return parent, latencies
 
 
 def run_empty_batch(n: int) -> dict:
@@ -103,16 +54,16 @@ def run_empty_batch(n: int) -> dict:
     def step(i: int):
         return i
 
-    def call(i: int):
+    def call(_held, i: int):
         with compat.without_flow_heartbeat():
             return step(i)
 
-    parent, latencies = batch_flow("bench-empty", call)
+    parent, latencies = _batch.batch_flow("bench-empty", call)
     started = time.monotonic()
     outcomes = parent(n)
     return {"n": n, "wall_seconds": round(time.monotonic() - started, 3),
             "failures": sum(not o.ok for o in outcomes),
-            "errors": [str(o.error)[:200] for o in outcomes if not o.ok][:3],
+            "errors": [_batch.error_line(o.error) for o in outcomes if not o.ok][:3],
             "latencies": sorted(round(v, 3) for v in latencies.values())}
 
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
 import overhead  # noqa: E402
 
-from askap_flows.board import DEFAULT_POLL  # noqa: E402
+from askap_flows.board import ACTIVE_STATES, DEFAULT_POLL  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
 
 PREFIX = "askapbench"
@@ -191,7 +191,7 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
                 pended.add(job_id)
             elif state == "RUNNING":
                 running.setdefault(job_id, now)
-            elif state not in overhead.ACTIVE:
+            elif state not in ACTIVE_STATES:
                 running.setdefault(job_id, now)
                 ended.setdefault(job_id, now)
         if now - started > 900:
@@ -293,7 +293,6 @@ def percentile(values: list[float], q: float) -> float | None:
 def run_latency(m: int, hello: str, work: Path, tag: str) -> dict:
     """m sub-flows of a sleeping wrapper; each job cancelled LATENCY_DELAYS[i % 4] s after its
     MPI step started; seconds from each cancel to its sub-flow raising."""
-    from askap_flows import board
 
     marks = work / f"marks-{tag}"
     program = sleeper(work, 600, hello, marks)
@@ -333,7 +332,7 @@ def run_latency(m: int, hello: str, work: Path, tag: str) -> dict:
         job_id, t = cancels[i]
         err = res["_errors"].get(i)
         seen = [v for (j, state), v in log.seen.items()
-                if j == job_id and state not in board.ACTIVE_STATES]
+                if j == job_id and state not in ACTIVE_STATES]
         samples.append({"index": i, "job_id": job_id, "cancel_after_start_seconds": delays[i],
                         "seconds_to_fail": round(res["_ends"][i] - t, 2),
                         "seconds_to_seen": round(min(seen) - t, 2) if seen else None,

@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _batch
 import _bench
 import _dask_floor
 import _pool_bench
@@ -43,7 +44,6 @@ from askap_flows.mpi import launch_command  # noqa: E402
 PREFIX = "askapbench"
 MPI = {"nodes": 2, "ntasks": 4, "ntasks_per_node": 2}
 ALLOC = {"nodes": 2, "ntasks_per_node": 2, "job_name_prefix": PREFIX}
-ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED")
 PHASES = ("checks", "prefect_start", "cluster_start", "worker_wait", "srun", "teardown", "total")
 
 
@@ -79,20 +79,10 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
                              check=True).stdout.strip()
         job_id = out.split(";")[0]
         submitted[job_id], names[job_id] = t, name
-    ended: dict[str, float] = {}
-    ids = ",".join(submitted)
-    while len(ended) < n:
-        out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True,
-                             text=True).stdout
-        now = time.monotonic()
-        active = {line.split()[0] for line in out.splitlines()
-                  if len(line.split()) == 2 and line.split()[1] in ACTIVE}
-        for job_id in submitted:
-            if job_id not in active and job_id not in ended:
-                ended[job_id] = now
-        if now - started > 600:
-            raise SystemExit(f"floor jobs {ids} did not finish within 600 s")
-        time.sleep(0.1)
+    try:
+        ended = _batch.wait_jobs_gone(list(submitted), 600)
+    except RuntimeError as exc:
+        raise SystemExit(f"floor: {exc}") from None
     wall = max(ended.values()) - started
     failures = floor_failures(names, log_dir, spec)
     return {"n": n, "wall_seconds": round(wall, 3), "failures": len(failures),
@@ -113,27 +103,14 @@ def floor_failures(names: dict[str, str], log_dir: Path, spec) -> list[str]:
     return failures
 
 
-def timed_batch(parent, n: int, latencies: dict) -> dict:
-    """Run ``parent(n)`` (a flow of n sub-flows); its wall time, failures and latencies."""
-    started = time.monotonic()
-    outcomes = parent(n)
-    wall = time.monotonic() - started
-    errors = [f"{type(o.error).__name__}: {str(o.error).splitlines()[0] if str(o.error) else ''}"
-              for o in outcomes if not o.ok]
-    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != MPI["ntasks"]]
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
-            "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
-            "outcomes": outcomes}
-
-
 def run_subflow_batch(n: int, program: str, tag: str) -> dict:
     """n mpi_subflow calls at once inside one parent flow; wall time around the parent call."""
     from askap_flows.flows import mpi_subflow
 
-    parent, latencies = _pool_bench.batch_flow("bench-overhead", lambda i: mpi_subflow(
+    parent, latencies = _batch.batch_flow("bench-overhead", lambda _held, i: mpi_subflow(
         MPI, ALLOC, backend="slurm", profile="testbed", program=program,
         name=f"{PREFIX}-{tag}-{i}"))
-    result = timed_batch(parent, n, latencies)
+    result = _batch.timed_batch(parent, n, latencies, MPI["ntasks"])
     result["timings"] = [{k: round(v, 3) for k, v in o.value.timings.items()}
                          for o in result.pop("outcomes") if o.ok]
     return result
@@ -153,7 +130,7 @@ def breakdown(samples: list[dict]) -> dict:
     return {p: _bench.median([r[p] for r in rows if p in r]) for p in PHASES}
 
 
-def pool_breakdown(samples: list[dict]) -> dict:
+def medians_by_key(samples: list[dict]) -> dict:
     rows = [t for s in samples for t in s.get("timings", [])]
     keys = sorted({k for r in rows for k in r})
     return {k: _bench.median([r[k] for r in rows if k in r]) for k in keys}
@@ -258,10 +235,10 @@ def main() -> int:
                                        "median_latency_seconds"),
         "ratio_srun_w": over(summary, "srun_w", "floor"),
         "ratio_prefect_w": over(summary, "prefect_w", "floor"),
-        "pool_breakdown": ({k: pool_breakdown([r[k] for r in reps])
+        "pool_breakdown": ({k: medians_by_key([r[k] for r in reps])
                             for k in ("pool_cold", "pool_warm", "pool_warm_single")}
                            if "pool_warm" in summary else None),
-        "dask_breakdown": ({k: pool_breakdown([r[k] for r in reps]) for k in ("dask", "dask_single")}
+        "dask_breakdown": ({k: medians_by_key([r[k] for r in reps]) for k in ("dask", "dask_single")}
                            if "dask" in summary else None),
         "subflow_breakdown": breakdown([r["subflows"] for r in reps]),
         "subflow_single_breakdown": (breakdown([r["subflows_single"] for r in reps])
