@@ -185,3 +185,41 @@ def test_only_a_failed_node_makes_a_lost_job_retryable(monkeypatch, state, sinfo
     lost = slurm.job_lost(job, "run-x", "/logs/run-x-77.err")
     assert lost.retryable is retryable, lost
     assert "77" in str(lost) and "/logs/run-x-77.err" in str(lost)
+
+
+def test_a_poll_asked_for_later_comes_no_sooner_and_keeps_its_time():
+    """``poll_soon(after)`` times the poll for a retired worker's job end; a request made while
+    it waits (the cluster's close) does not move it back to now."""
+    q = Recorded(line(7, "r", "RUNNING"))
+    b = board.JobBoard(q, low=0.05, high=30)
+    b.track("r")
+    assert b.wait(lambda: len(q.calls) >= 2, 5)  # the job appeared, then one unchanged answer
+    n = len(q.calls)
+    b.poll_soon(1.0)
+    b.poll_soon()
+    time.sleep(0.6)
+    assert len(q.calls) == n, "the poll came before the time it was asked for"
+    assert b.wait(lambda: len(q.calls) > n, 10), "the poll asked for never came"
+
+
+def test_a_close_after_the_board_saw_the_end_asks_slurm_nothing(monkeypatch):
+    """The sub-flow's own release ends its job while Prefect closes the flow run: the cluster's
+    close then returns at once (an end is final), without waiting for another poll."""
+    import asyncio
+
+    from askap_flows import jobs
+
+    q = Recorded(line(8, "done", "COMPLETED"))
+    b = board.JobBoard(q, low=0.05, high=30)
+    monkeypatch.setattr(board, "board", lambda: b)
+    b.track("done")
+    assert b.wait(lambda: bool(b.jobs("done")) and len(q.calls) >= 2, 5)
+    n = len(q.calls)
+    job = object.__new__(jobs.BoardJob)  # only what the close reads
+    job.job_id, job.job_name, job.cluster = "8", "done", ""
+    cancelled = []
+    monkeypatch.setattr(jobs.SLURMJob, "close", lambda self: cancelled.append(self))
+    started = time.monotonic()
+    asyncio.run(job._close_unless_ended())
+    assert cancelled == [] and len(q.calls) == n, (cancelled, q.calls[n:])
+    assert time.monotonic() - started < 5  # not WORKER_EXIT_GRACE (10 s) waited out

@@ -9,7 +9,8 @@ ended in the answer, with its final state and reason, for MinJobAge (300 s by de
 that starts and ends between two polls is still seen.
 
 The interval adapts: ``low`` seconds while jobs are being tracked, start or end (or a reader asks
-for a fresh answer), and ``high`` from the first answer in which nothing changed. A failed query
+for a fresh answer, or times one for a job about to end: ``poll_soon(after)``), and ``high``
+from the first answer in which nothing changed; never less than ``low`` between two. A failed query
 is retried with backoff and logged once; only after ``grace`` seconds without an answer do the
 waiters fail. The
 knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-2") and
@@ -100,6 +101,7 @@ class JobBoard:
         self._failing_since: float | None = None
         self._error: str | None = None  # set once the controller did not answer for `grace` s
         self._urgent = threading.Event()
+        self._due: float | None = None  # when a poll_soon(after) asked for the next poll
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- tracking
@@ -201,7 +203,13 @@ class JobBoard:
         with self._cond:
             self._cond.notify_all()
 
-    def poll_soon(self) -> None:
+    def poll_soon(self, after: float = 0.0) -> None:
+        """Ask for a poll ``after`` seconds from now (never sooner than ``low`` after the last
+        one). A request already waiting keeps its time: e.g. a cluster's close right after its
+        workers were retired does not move the poll timed for their jobs' end back to now."""
+        with self._cond:
+            if self._due is None:
+                self._due = time.monotonic() + after
         self._urgent.set()
 
     # ----------------------------------------------------------------- the thread
@@ -227,7 +235,10 @@ class JobBoard:
             # an urgent request shortens the wait, but never below `low` between two polls
             self._urgent.wait(interval)
             self._urgent.clear()
-            rest = self.low - (time.monotonic() - started)
+            with self._cond:
+                due, self._due = self._due, None
+            now = time.monotonic()
+            rest = max(self.low - (now - started), (due or now) - now)
             if rest > 0:
                 time.sleep(rest)
 

@@ -33,6 +33,14 @@ log = logging.getLogger("askap_flows")
 #: seconds a closing cluster waits for its retired worker to end its job before cancelling it
 WORKER_EXIT_GRACE = 10.0
 RETIRE_TIMEOUT = 10.0  # seconds the scheduler may take to retire a cluster's workers at its end
+#: seconds from a worker's retirement to its job's end in SLURM (0.19-0.26 s on the test bed):
+#: the board's next poll is timed for then (``ending_soon``), not for the retirement itself
+JOB_END_AFTER_RETIRE = 0.3
+
+
+def ending_soon() -> None:
+    """A job's worker was just retired: have the board look when the job should have ended."""
+    board.board().poll_soon(JOB_END_AFTER_RETIRE)
 
 
 @dataclass(frozen=True)
@@ -124,10 +132,13 @@ class BoardJob(SLURMJob):
             job_id = str(self.job_id)
             state = b.job(job_id, self.cluster)
             if state is not None and (state.ended or state.state == "RUNNING"):
+                # an end already on the board is final: no fresh poll needed (the step's own
+                # release often ended the job while Prefect closed the flow run)
+                seen_end = lambda: (b.job(job_id, self.cluster) or state).ended  # noqa: E731
+                if not seen_end():
+                    b.poll_soon()
                 try:
-                    ended = await asyncio.to_thread(
-                        b.wait, lambda: (b.job(job_id, self.cluster) or state).ended,
-                        WORKER_EXIT_GRACE, True)
+                    ended = await asyncio.to_thread(b.wait, seen_end, WORKER_EXIT_GRACE)
                 except board.ControllerUnreachable:
                     ended = False
                 if ended:
@@ -154,6 +165,7 @@ class RetiringCluster(SLURMCluster):
         try:
             await asyncio.wait_for(comm.retire_workers(names=sorted(map(str, self.requested)),
                                                        close_workers=True), RETIRE_TIMEOUT)
+            ending_soon()
         except Exception:  # noqa: BLE001 - the jobs' close cancels them anyway
             pass
 

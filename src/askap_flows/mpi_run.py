@@ -26,7 +26,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from . import compat, launch, mpi, runners, watch
+from . import compat, jobs, launch, mpi, runners, watch
 from .jobs import RunHandle, StepContext
 from .resolve import resolve
 from .spec import MPISpec
@@ -146,6 +146,7 @@ def _release_nodes(client, future) -> None:
         while any(client.has_what().values()) and time.monotonic() < deadline:
             time.sleep(0.02)
         client.retire_workers(workers=list(client.scheduler_info()["workers"]), close_workers=True)
+        jobs.ending_soon()
     except Exception:  # noqa: BLE001
         pass
 
