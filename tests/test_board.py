@@ -18,11 +18,13 @@ class Recorded:
         self.answers = list(answers)
         self.calls: list[list[str]] = []
         self.clusters: list[str] = []  # the cluster each query asked
+        self.times: list[float] = []  # when each query was made (time.monotonic)
         self.lock = threading.Lock()
 
     def __call__(self, names, cluster=""):
         with self.lock:
             self.calls.append(sorted(names))
+            self.times.append(time.monotonic())
             self.clusters.append(cluster)
             answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
@@ -194,12 +196,12 @@ def test_a_poll_asked_for_later_comes_no_sooner_and_keeps_its_time():
     b = board.JobBoard(q, low=0.05, high=30)
     b.track("r")
     assert b.wait(lambda: len(q.calls) >= 2, 5)  # the job appeared, then one unchanged answer
-    n = len(q.calls)
+    time.sleep(0.2)  # (track's own request for a poll, if it came late, is answered by now)
+    n, asked = len(q.calls), time.monotonic()
     b.poll_soon(1.0)
     b.poll_soon()
-    time.sleep(0.6)
-    assert len(q.calls) == n, "the poll came before the time it was asked for"
     assert b.wait(lambda: len(q.calls) > n, 10), "the poll asked for never came"
+    assert q.times[n] >= asked + 0.99, f"polled {q.times[n] - asked:.2f} s after the request"
 
 
 def test_a_close_after_the_board_saw_the_end_asks_slurm_nothing(monkeypatch):
@@ -207,19 +209,50 @@ def test_a_close_after_the_board_saw_the_end_asks_slurm_nothing(monkeypatch):
     close then returns at once (an end is final), without waiting for another poll."""
     import asyncio
 
-    from askap_flows import jobs
 
     q = Recorded(line(8, "done", "COMPLETED"))
     b = board.JobBoard(q, low=0.05, high=30)
     monkeypatch.setattr(board, "board", lambda: b)
     b.track("done")
     assert b.wait(lambda: bool(b.jobs("done")) and len(q.calls) >= 2, 5)
+    time.sleep(0.2)  # (track's own request for a poll, if it came late, is answered by now)
     n = len(q.calls)
-    job = object.__new__(jobs.BoardJob)  # only what the close reads
-    job.job_id, job.job_name, job.cluster = "8", "done", ""
-    cancelled = []
-    monkeypatch.setattr(jobs.SLURMJob, "close", lambda self: cancelled.append(self))
+    job, cancelled = closing_job(monkeypatch, "8", "done")
     started = time.monotonic()
     asyncio.run(job._close_unless_ended())
     assert cancelled == [] and len(q.calls) == n, (cancelled, q.calls[n:])
     assert time.monotonic() - started < 5  # not WORKER_EXIT_GRACE (10 s) waited out
+
+
+def closing_job(monkeypatch, job_id, name):
+    """A BoardJob with only what its close reads, and the list its cancels land in."""
+    from askap_flows import jobs
+
+    job = object.__new__(jobs.BoardJob)
+    job.job_id, job.job_name, job.cluster = job_id, name, ""
+    cancelled: list = []
+
+    async def cancel(self):
+        cancelled.append(self)
+
+    monkeypatch.setattr(jobs.SLURMJob, "close", cancel)
+    return job, cancelled
+
+
+@pytest.mark.parametrize("states, cancel", [
+    (("COMPLETING", "COMPLETING", "COMPLETED"), False),  # ending: its end is waited for
+    (("NODE_FAIL",), True),  # may come back (JobRequeue=1): cancelled, as dask-jobqueue would
+])
+def test_a_close_waits_out_completing_and_cancels_an_end_that_may_come_back(monkeypatch, states,
+                                                                            cancel):
+    import asyncio
+
+    q = Recorded(*(line(9, "j", s) for s in states))
+    b = board.JobBoard(q, low=0.05, high=30)
+    monkeypatch.setattr(board, "board", lambda: b)
+    b.track("j")
+    assert b.wait(lambda: len(q.calls) >= 2, 5)  # the first state, then one unchanged answer
+    job, cancelled = closing_job(monkeypatch, "9", "j")
+    asyncio.run(job._close_unless_ended())
+    assert (cancelled == [job]) is cancel, (states, cancelled)
+    assert b.jobs("j")[0].state == states[-1]

@@ -209,7 +209,7 @@ class JobBoard:
         workers were retired does not move the poll timed for their jobs' end back to now."""
         with self._cond:
             if self._due is None:
-                self._due = time.monotonic() + after
+                self._due = time.monotonic() + min(after, self.high)
         self._urgent.set()
 
     # ----------------------------------------------------------------- the thread
@@ -238,7 +238,7 @@ class JobBoard:
             with self._cond:
                 due, self._due = self._due, None
             now = time.monotonic()
-            rest = max(self.low - (now - started), (due or now) - now)
+            rest = max(self.low - (now - started), (now if due is None else due) - now)
             if rest > 0:
                 time.sleep(rest)
 

@@ -33,6 +33,8 @@ log = logging.getLogger("askap_flows")
 #: seconds a closing cluster waits for its retired worker to end its job before cancelling it
 WORKER_EXIT_GRACE = 10.0
 RETIRE_TIMEOUT = 10.0  # seconds the scheduler may take to retire a cluster's workers at its end
+#: ends after which a job cannot come back (requeued) to run without its scheduler
+FINAL_STATES = ("COMPLETED", "CANCELLED")
 #: seconds from a worker's retirement to its job's end in SLURM (0.19-0.26 s on the test bed):
 #: the board's next poll is timed for then (``ending_soon``), not for the retirement itself
 JOB_END_AFTER_RETIRE = 0.3
@@ -131,9 +133,9 @@ class BoardJob(SLURMJob):
             b = board.board()
             job_id = str(self.job_id)
             state = b.job(job_id, self.cluster)
-            if state is not None and (state.ended or state.state == "RUNNING"):
-                # an end already on the board is final: no fresh poll needed (the step's own
-                # release often ended the job while Prefect closed the flow run)
+            if state is not None and (state.ended or state.state in ("RUNNING", "COMPLETING")):
+                # an end already on the board needs no fresh poll (the step's own release often
+                # ended the job while Prefect closed the flow run)
                 seen_end = lambda: (b.job(job_id, self.cluster) or state).ended  # noqa: E731
                 if not seen_end():
                     b.poll_soon()
@@ -141,7 +143,10 @@ class BoardJob(SLURMJob):
                     ended = await asyncio.to_thread(b.wait, seen_end, WORKER_EXIT_GRACE)
                 except board.ControllerUnreachable:
                     ended = False
-                if ended:
+                final = b.job(job_id, self.cluster) or state
+                # any other end (NODE_FAIL, PREEMPTED, ...) may come back with JobRequeue=1:
+                # cancelled as dask-jobqueue would (an scancel of an ended job is harmless)
+                if ended and final.state in FINAL_STATES:
                     return
         await super().close()
 
@@ -163,9 +168,10 @@ class RetiringCluster(SLURMCluster):
         if self.status != Status.running or not self.workers or comm is None:
             return
         try:
-            await asyncio.wait_for(comm.retire_workers(names=sorted(map(str, self.requested)),
-                                                       close_workers=True), RETIRE_TIMEOUT)
-            ending_soon()
+            retired = await asyncio.wait_for(comm.retire_workers(
+                names=sorted(map(str, self.requested)), close_workers=True), RETIRE_TIMEOUT)
+            if retired:  # (a step's release may have retired them already)
+                ending_soon()
         except Exception:  # noqa: BLE001 - the jobs' close cancels them anyway
             pass
 
