@@ -44,14 +44,16 @@ def batch_flow(name: str, call, around=contextlib.nullcontext):
     return parent, latencies
 
 
-def timed_batch(parent, n: int, latencies: dict, ntasks: int) -> dict:
-    """Run ``parent(n)`` (a flow of n MPI sub-flows of ``ntasks`` ranks); its wall time, failures
-    (an error, or a world of the wrong size), the calls' latencies and the outcomes."""
+def timed_batch(parent, n: int, latencies: dict, ntasks: int | None) -> dict:
+    """Run ``parent(n)`` (a flow of n MPI sub-flows of ``ntasks`` ranks; None: not MPI runs);
+    its wall time, failures (an error, or a world of the wrong size), the calls' latencies and
+    the outcomes."""
     started = time.monotonic()
     outcomes = parent(n)
     wall = time.monotonic() - started
     errors = [error_line(o.error) for o in outcomes if not o.ok]
-    bad_ranks = [o.index for o in outcomes if o.ok and len(o.value.ranks) != ntasks]
+    bad_ranks = [o.index for o in outcomes
+                 if ntasks is not None and o.ok and len(o.value.ranks) != ntasks]
     return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
             "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
             "outcomes": outcomes}

@@ -59,12 +59,9 @@ def run_empty_batch(n: int) -> dict:
             return step(i)
 
     parent, latencies = _batch.batch_flow("bench-empty", call)
-    started = time.monotonic()
-    outcomes = parent(n)
-    return {"n": n, "wall_seconds": round(time.monotonic() - started, 3),
-            "failures": sum(not o.ok for o in outcomes),
-            "errors": [_batch.error_line(o.error) for o in outcomes if not o.ok][:3],
-            "latencies": sorted(round(v, 3) for v in latencies.values())}
+    result = _batch.timed_batch(parent, n, latencies, None)
+    result.pop("outcomes")
+    return result
 
 
 @contextmanager

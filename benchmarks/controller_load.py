@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
 import overhead  # noqa: E402
 
-from askap_flows.board import ACTIVE_STATES, DEFAULT_POLL  # noqa: E402
+from askap_flows.board import DEFAULT_POLL  # noqa: E402
+from askap_flows.jobstate import ACTIVE_STATES  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
 
 PREFIX = "askapbench"
@@ -293,7 +294,6 @@ def percentile(values: list[float], q: float) -> float | None:
 def run_latency(m: int, hello: str, work: Path, tag: str) -> dict:
     """m sub-flows of a sleeping wrapper; each job cancelled LATENCY_DELAYS[i % 4] s after its
     MPI step started; seconds from each cancel to its sub-flow raising."""
-
     marks = work / f"marks-{tag}"
     program = sleeper(work, 600, hello, marks)
     delays = {i: LATENCY_DELAYS[i % len(LATENCY_DELAYS)] for i in range(m)}

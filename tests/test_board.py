@@ -1,6 +1,7 @@
 """The job board driven by recorded ``squeue`` answers (no SLURM): one query for every tracked job,
 a job that ended before the first poll, controller trouble ridden out, and the waiters."""
 
+import asyncio
 import threading
 import time
 
@@ -207,9 +208,6 @@ def test_a_poll_asked_for_later_comes_no_sooner_and_keeps_its_time():
 def test_a_close_after_the_board_saw_the_end_asks_slurm_nothing(monkeypatch):
     """The sub-flow's own release ends its job while Prefect closes the flow run: the cluster's
     close then returns at once (an end is final), without waiting for another poll."""
-    import asyncio
-
-
     q = Recorded(line(8, "done", "COMPLETED"))
     b = board.JobBoard(q, low=0.05, high=30)
     monkeypatch.setattr(board, "board", lambda: b)
@@ -245,8 +243,6 @@ def closing_job(monkeypatch, job_id, name):
 ])
 def test_a_close_waits_out_completing_and_cancels_an_end_that_may_come_back(monkeypatch, states,
                                                                             cancel):
-    import asyncio
-
     q = Recorded(*(line(9, "j", s) for s in states))
     b = board.JobBoard(q, low=0.05, high=30)
     monkeypatch.setattr(board, "board", lambda: b)

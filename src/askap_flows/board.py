@@ -12,8 +12,7 @@ The interval adapts: ``low`` seconds while jobs are being tracked, start or end 
 for a fresh answer, or times one for a job about to end: ``poll_soon(after)``), and ``high``
 from the first answer in which nothing changed; never less than ``low`` between two. A failed query
 is retried with backoff and logged once; only after ``grace`` seconds without an answer do the
-waiters fail. The
-knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-2") and
+waiters fail. The knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-2") and
 ``ASKAP_FLOWS_SLURM_GRACE`` (seconds, default 60).
 """
 
@@ -116,13 +115,13 @@ class JobBoard:
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="askap-job-board")
                 self._thread.start()
-        self._urgent.set()
+        self.poll_soon()
 
     def submitted(self, name: str, job_id: str, cluster: str = clusters.LOCAL) -> None:
         """sbatch returned ``job_id`` on ``cluster`` for ``name``: known before the first poll."""
         with self._cond:
             self._submitted.setdefault(name, set()).add((cluster, str(job_id)))
-        self._urgent.set()
+        self.poll_soon()
 
     def clusters_of(self, name: str) -> str | None:
         """The ``clusters:`` value ``name`` was tracked with (None: this host's cluster)."""
@@ -166,6 +165,10 @@ class JobBoard:
         with self._cond:
             return self._jobs.get((cluster, job_id))
 
+    def latest(self, job: JobState) -> JobState:
+        """The board's newest answer about ``job`` (``job`` itself if it is no longer kept)."""
+        return self.job(job.job_id, job.cluster) or job
+
     def all_jobs(self) -> list[JobState]:
         with self._cond:
             return list(self._jobs.values())
@@ -181,7 +184,7 @@ class JobBoard:
         with self._cond:
             start = self._polls + (1 if fresh else 0)
             if fresh:
-                self._urgent.set()
+                self.poll_soon()
             while True:
                 if self._error:
                     raise ControllerUnreachable(self._error)

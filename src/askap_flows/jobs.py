@@ -24,6 +24,7 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
 from . import board, clusters, shell
+from .jobstate import DONE_STATES
 
 if TYPE_CHECKING:
     from .resolve import Resolved
@@ -33,8 +34,6 @@ log = logging.getLogger("askap_flows")
 #: seconds a closing cluster waits for its retired worker to end its job before cancelling it
 WORKER_EXIT_GRACE = 10.0
 RETIRE_TIMEOUT = 10.0  # seconds the scheduler may take to retire a cluster's workers at its end
-#: ends after which a job cannot come back (requeued) to run without its scheduler
-FINAL_STATES = ("COMPLETED", "CANCELLED")
 #: seconds from a worker's retirement to its job's end in SLURM (0.19-0.26 s on the test bed):
 #: the board's next poll is timed for then (``ending_soon``), not for the retirement itself
 JOB_END_AFTER_RETIRE = 0.3
@@ -136,17 +135,16 @@ class BoardJob(SLURMJob):
             if state is not None and (state.ended or state.state in ("RUNNING", "COMPLETING")):
                 # an end already on the board needs no fresh poll (the step's own release often
                 # ended the job while Prefect closed the flow run)
-                seen_end = lambda: (b.job(job_id, self.cluster) or state).ended  # noqa: E731
-                if not seen_end():
+                if not state.ended:
                     b.poll_soon()
                 try:
-                    ended = await asyncio.to_thread(b.wait, seen_end, WORKER_EXIT_GRACE)
+                    ended = await asyncio.to_thread(b.wait, lambda: b.latest(state).ended,
+                                                    WORKER_EXIT_GRACE)
                 except board.ControllerUnreachable:
                     ended = False
-                final = b.job(job_id, self.cluster) or state
                 # any other end (NODE_FAIL, PREEMPTED, ...) may come back with JobRequeue=1:
                 # cancelled as dask-jobqueue would (an scancel of an ended job is harmless)
-                if ended and final.state in FINAL_STATES:
+                if ended and b.latest(state).state in DONE_STATES:
                     return
         await super().close()
 

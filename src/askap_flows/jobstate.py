@@ -16,6 +16,9 @@ ACTIVE_STATES = frozenset({
     "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
 })
 
+#: ends a job cannot come back from (a NODE_FAIL or PREEMPTED job is requeued with JobRequeue=1)
+DONE_STATES = frozenset({"COMPLETED", "CANCELLED"})
+
 #: the state of a job that left SLURM's answer before its final state was seen
 GONE = "ENDED"
 

@@ -108,11 +108,11 @@ def result(future, job: board.JobState | None, run: RunHandle):
         # srun learns that the job ends before SLURM's job list does: then wait for the end
         ending = "already completing or completed" in str(exc)
         try:
-            b.wait(lambda: not ending or (b.job(job.job_id, job.cluster) or job).ended,
+            b.wait(lambda: not ending or b.latest(job).ended,
                    10.0 if ending else 5.0, fresh=True)
         except board.ControllerUnreachable:
             pass
-        now = b.job(job.job_id, job.cluster) or job
+        now = b.latest(job)
         if (not now.ended or now.state == "COMPLETED") and \
                 not slurm_query.node_problems(slurm_query.hostnames(now.nodelist), now.cluster)[0]:
             raise  # the program itself failed: its own error says why
