@@ -144,6 +144,39 @@ def test_the_interval_backs_off_to_high_after_one_unchanged_answer():
     assert 2 <= len(q.calls) <= 4, len(q.calls)
 
 
+def test_the_early_poll_budget_spends_credits_and_refills_them():
+    now = [0.0]
+    budget = board.PollBudget(2, 10.0, clock=lambda: now[0])
+    assert [budget.take() for _ in range(3)] == [True, True, False]
+    now[0] = 9.0
+    assert not budget.take()  # 0.9 of a credit back
+    now[0] = 10.5
+    assert budget.take() and not budget.take()
+    now[0] = 1000.0  # never more than the cap
+    assert [budget.take() for _ in range(3)] == [True, True, False]
+    assert not board.PollBudget(0, 1.0).take()
+
+
+def test_jobs_that_change_all_the_time_get_the_steady_cadence_once_the_budget_is_spent():
+    """48 sub-flows starting and ending in waves change the answer at every poll: after the
+    budget's early polls the board keeps to ``high`` (the load does not grow with the jobs)."""
+    q = Recorded(*(line(1, "busy", "RUNNING", reason=f"r{i}") for i in range(500)))
+    b = board.JobBoard(q, low=0.05, high=0.4, burst=(3, 1000.0))
+    b.track("busy")
+    time.sleep(2.0)
+    gaps = [t1 - t0 for t0, t1 in zip(q.times, q.times[1:], strict=False)]
+    assert sum(g < 0.3 for g in gaps) <= 4, [round(g, 2) for g in gaps]  # 3 credits (+ track)
+    assert len(q.calls) <= 10, f"{len(q.calls)} polls in 2 s; the budget allows about 8"
+
+
+def test_burst_settings_from_the_environment():
+    assert board.burst_settings({}) == (10, 20.0)
+    assert board.burst_settings({"ASKAP_FLOWS_SLURM_BURST": "0/1"}) == (0, 1.0)
+    for bad in ("fast", "5", "-1/2", "3/0"):
+        with pytest.raises(ValueError, match="ASKAP_FLOWS_SLURM_BURST=.*CREDITS/SECONDS"):
+            board.burst_settings({"ASKAP_FLOWS_SLURM_BURST": bad})
+
+
 def test_untracked_names_are_no_longer_asked_about_and_the_thread_ends():
     q = Recorded(line(6, "a", "RUNNING"))
     b = board.JobBoard(q, low=0.05, high=0.05)

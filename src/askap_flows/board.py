@@ -10,26 +10,24 @@ that starts and ends between two polls is still seen.
 
 The interval adapts: ``low`` seconds while jobs are being tracked, start or end (or a reader asks
 for a fresh answer, or times one for a job about to end: ``poll_soon(after)``), and ``high``
-from the first answer in which nothing changed; never less than ``low`` between two. A failed query
-is retried with backoff and logged once; only after ``grace`` seconds without an answer do the
-waiters fail. The knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-2") and
-``ASKAP_FLOWS_SLURM_GRACE`` (seconds, default 60).
+from the first answer in which nothing changed; never less than ``low`` between two. A poll
+sooner than ``high`` after the one before spends a credit of a budget (``poll_pace.py``): with
+it spent, the steady cadence goes on, so a pipeline whose jobs change all the time asks no more
+than a quiet one. A failed query is retried with backoff and logged once; only after ``grace``
+seconds without an answer do the waiters fail. The knobs are in ``poll_pace.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import clusters, shell
 from .jobstate import ACTIVE_STATES, GONE, JobState, parse_jobs, query_command  # noqa: F401
+from .poll_pace import DEFAULT_POLL, GRACE_ENV, POLL_ENV, PollBudget, burst_settings, poll_settings  # noqa: F401
 from .slurm import SlurmError
-
-POLL_ENV, GRACE_ENV = "ASKAP_FLOWS_SLURM_POLL", "ASKAP_FLOWS_SLURM_GRACE"
-DEFAULT_POLL, DEFAULT_GRACE = (1.0, 2.0), 60.0
 
 log = logging.getLogger("askap_flows")
 
@@ -57,25 +55,6 @@ class ControllerUnreachable(SlurmError):
     """SLURM did not answer the board's query for longer than the grace period."""
 
 
-def poll_settings(env: Mapping[str, str] | None = None) -> tuple[float, float, float]:
-    """(low, high, grace) from the environment, with a message that names a malformed value."""
-    env = os.environ if env is None else env
-    text = env.get(POLL_ENV, "").strip()
-    low, high = DEFAULT_POLL
-    try:
-        if text:
-            parts = text.split("-", 1) if "-" in text else [text, text]
-            low, high = (float(x) for x in parts)
-        grace = float(env.get(GRACE_ENV, "").strip() or DEFAULT_GRACE)
-    except ValueError:
-        raise ValueError(f"{POLL_ENV}={text!r} / {GRACE_ENV}={env.get(GRACE_ENV)!r}: use "
-                         f"{POLL_ENV}=LOW-HIGH seconds (e.g. 1-3) and {GRACE_ENV}=SECONDS."
-                         ) from None
-    if not (0.1 <= low <= high) or grace < 0:
-        raise ValueError(f"{POLL_ENV}={text!r}: need 0.1 <= LOW <= HIGH; {GRACE_ENV} >= 0.")
-    return low, high, grace
-
-
 def run_query(names: Sequence[str], cluster: str = clusters.LOCAL) -> str:
     return shell.output(query_command(cluster), timeout=30)
 
@@ -85,11 +64,12 @@ class JobBoard:
 
     def __init__(self, query: Callable[[Sequence[str], str], str] = run_query,
                  low: float | None = None, high: float | None = None,
-                 grace: float | None = None) -> None:
+                 grace: float | None = None, burst: tuple[int, float] | None = None) -> None:
         d_low, d_high, d_grace = poll_settings()
         self.low = d_low if low is None else low
         self.high = d_high if high is None else high
         self.grace = d_grace if grace is None else grace
+        self.budget = PollBudget(*(burst_settings() if burst is None else burst))
         self._query = query
         self._cond = threading.Condition()
         self._names: dict[str, int] = {}  # tracked name -> number of holders
@@ -241,9 +221,13 @@ class JobBoard:
             with self._cond:
                 due, self._due = self._due, None
             now = time.monotonic()
-            rest = max(self.low - (now - started), (now if due is None else due) - now)
-            if rest > 0:
-                time.sleep(rest)
+            at = max(started + self.low, now if due is None else due)
+            # sooner than the steady cadence costs a credit; none left: wait for the cadence
+            if (at < started + self.high and self._failing_since is None
+                    and not self.budget.take()):
+                at = started + self.high
+            if at > now:
+                time.sleep(at - now)
 
     def _poll_once(self, names: list[str], where: Sequence[str] = (clusters.LOCAL,)) -> bool:
         """One query per cluster the tracked names' jobs may be on (one in the usual case)."""
