@@ -2,6 +2,9 @@
 a job that ended before the first poll, controller trouble ridden out, and the waiters."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -164,15 +167,55 @@ def test_jobs_that_change_all_the_time_get_the_steady_cadence_once_the_budget_is
     b = board.JobBoard(q, low=0.05, high=0.4, burst=(3, 1000.0))
     b.track("busy")
     time.sleep(2.0)
+    b.untrack("busy")
     gaps = [t1 - t0 for t0, t1 in zip(q.times, q.times[1:], strict=False)]
     assert sum(g < 0.3 for g in gaps) <= 4, [round(g, 2) for g in gaps]  # 3 credits (+ track)
-    assert len(q.calls) <= 10, f"{len(q.calls)} polls in 2 s; the budget allows about 8"
+    assert 5 <= len(q.calls) <= 10, f"{len(q.calls)} polls in 2 s; the budget allows about 8"
+
+
+def test_a_fresh_wait_is_answered_at_once_with_the_budget_spent():
+    """After a cancel or a failed task the reader judges on the next answer: it spends no credit
+    and does not wait for the steady cadence."""
+    q = Recorded(*(line(1, "busy", "RUNNING", reason=f"r{i}") for i in range(500)))
+    b = board.JobBoard(q, low=0.05, high=5.0, burst=(0, 1.0))
+    b.track("busy")
+    assert b.wait(lambda: len(q.calls) >= 1, 5)
+    time.sleep(0.2)
+    asked = time.monotonic()
+    assert b.wait(lambda: True, 10, fresh=True)
+    took = time.monotonic() - asked
+    b.untrack("busy")
+    assert took < 2.0, f"a fresh wait took {took:.2f} s: it waited for the 5-s cadence"
+
+
+def test_requests_do_not_shorten_the_backoff_while_the_controller_does_not_answer():
+    """48 sub-flows asking for polls during a controller restart must not make the board retry
+    every ``low`` seconds."""
+    q = Recorded(slurm.SlurmError("squeue: error: Unable to contact slurm controller"))
+    b = board.JobBoard(q, low=0.02, high=0.02, grace=60)
+    b.track("x")
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        b.poll_soon()
+        time.sleep(0.01)
+    b.untrack("x")
+    assert len(q.calls) <= 25, f"{len(q.calls)} tries in 1 s: the backoff allows about 15"
+
+
+def test_a_malformed_budget_is_refused_before_anything_runs():
+    """``python -m askap_flows.run --backend slurm`` names the variable; no traceback, no job."""
+    env = {**os.environ, "ASKAP_FLOWS_SLURM_BURST": "10/nan"}
+    r = subprocess.run([sys.executable, "-m", "askap_flows.run", "--backend", "slurm",
+                        "--profile", "testbed"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "ASKAP_FLOWS_SLURM_BURST='10/nan'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_burst_settings_from_the_environment():
     assert board.burst_settings({}) == (10, 20.0)
     assert board.burst_settings({"ASKAP_FLOWS_SLURM_BURST": "0/1"}) == (0, 1.0)
-    for bad in ("fast", "5", "-1/2", "3/0"):
+    for bad in ("fast", "5", "-1/2", "3/0", "10/nan", "2.5/10"):
         with pytest.raises(ValueError, match="ASKAP_FLOWS_SLURM_BURST=.*CREDITS/SECONDS"):
             board.burst_settings({"ASKAP_FLOWS_SLURM_BURST": bad})
 
@@ -227,7 +270,7 @@ def test_a_poll_asked_for_later_comes_no_sooner_and_keeps_its_time():
     """``poll_soon(after)`` times the poll for a retired worker's job end; a request made while
     it waits (the cluster's close) does not move it back to now."""
     q = Recorded(line(7, "r", "RUNNING"))
-    b = board.JobBoard(q, low=0.05, high=30)
+    b = board.JobBoard(q, low=0.05, high=30, burst=(10, 20.0))
     b.track("r")
     assert b.wait(lambda: len(q.calls) >= 2, 5)  # the job appeared, then one unchanged answer
     time.sleep(0.2)  # (track's own request for a poll, if it came late, is answered by now)
@@ -242,7 +285,7 @@ def test_a_close_after_the_board_saw_the_end_asks_slurm_nothing(monkeypatch):
     """The sub-flow's own release ends its job while Prefect closes the flow run: the cluster's
     close then returns at once (an end is final), without waiting for another poll."""
     q = Recorded(line(8, "done", "COMPLETED"))
-    b = board.JobBoard(q, low=0.05, high=30)
+    b = board.JobBoard(q, low=0.05, high=30, burst=(10, 20.0))
     monkeypatch.setattr(board, "board", lambda: b)
     b.track("done")
     assert b.wait(lambda: bool(b.jobs("done")) and len(q.calls) >= 2, 5)
@@ -277,7 +320,7 @@ def closing_job(monkeypatch, job_id, name):
 def test_a_close_waits_out_completing_and_cancels_an_end_that_may_come_back(monkeypatch, states,
                                                                             cancel):
     q = Recorded(*(line(9, "j", s) for s in states))
-    b = board.JobBoard(q, low=0.05, high=30)
+    b = board.JobBoard(q, low=0.05, high=30, burst=(10, 20.0))
     monkeypatch.setattr(board, "board", lambda: b)
     b.track("j")
     assert b.wait(lambda: len(q.calls) >= 2, 5)  # the first state, then one unchanged answer

@@ -139,7 +139,7 @@ class BoardJob(SLURMJob):
                     b.poll_soon()
                 try:
                     ended = await asyncio.to_thread(b.wait, lambda: b.latest(state).ended,
-                                                    WORKER_EXIT_GRACE)
+                                                    WORKER_EXIT_GRACE + b.high)
                 except board.ControllerUnreachable:
                     ended = False
                 # any other end (NODE_FAIL, PREEMPTED, ...) may come back with JobRequeue=1:

@@ -5,8 +5,9 @@ start or end (or a reader asks). A poll that comes sooner than ``high`` after th
 *early*, and each early poll spends one credit of a budget: ``burst`` credits at most, one more
 every ``refill`` seconds. With the budget spent, the board keeps its steady ``high`` cadence
 until a credit comes back. So a pipeline whose jobs start and end all the time (48 sub-flows in
-waves on 3 nodes) still averages at most about ``1/high + 1/refill`` queries a second, close to
-what a pipeline of 4 makes: the load on slurmctld does not grow with the number of sub-flows.
+waves on 3 nodes) still averages at most about ``1/high + (1 - low/high)/refill`` queries a
+second over a long stretch (0.525 with the defaults, against 0.5 for a quiet pipeline), plus the
+starting credits: the load on slurmctld does not grow with the number of sub-flows.
 
 The knobs: ``ASKAP_FLOWS_SLURM_POLL`` ("LOW-HIGH" seconds, default "1-2"),
 ``ASKAP_FLOWS_SLURM_BURST`` ("CREDITS/SECONDS", default "10/20": 10 early polls, one more every
@@ -16,6 +17,7 @@ default 60).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -52,13 +54,11 @@ def burst_settings(env: Mapping[str, str] | None = None) -> tuple[int, float]:
         return DEFAULT_BURST
     try:
         credits, refill = text.split("/", 1)
-        burst = (int(credits), float(refill))
+        return PollBudget.checked(int(credits), float(refill))
     except ValueError:
-        burst = (-1, 0.0)
-    if burst[0] < 0 or burst[1] <= 0:
-        raise ValueError(f"{BURST_ENV}={text!r}: use CREDITS/SECONDS, e.g. 10/20 (10 polls "
-                         f"sooner than the steady interval, one more every 20 s; 0/1: none).")
-    return burst
+        raise ValueError(f"{BURST_ENV}={text!r}: use CREDITS/SECONDS, a whole number >= 0 and a "
+                         f"number of seconds > 0, e.g. 10/20 (10 polls sooner than the steady "
+                         f"interval, one more every 20 s; 0/1: none).") from None
 
 
 class PollBudget:
@@ -66,8 +66,17 @@ class PollBudget:
 
     def __init__(self, credits: int, refill: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.credits, self.refill, self._clock = credits, refill, clock
+        self.credits, self.refill = self.checked(credits, refill)
+        self._clock = clock
         self._left, self._at = float(credits), clock()
+
+    @staticmethod
+    def checked(credits: int, refill: float) -> tuple[int, float]:
+        """(credits, refill), or ValueError unless a whole number >= 0 and finite seconds > 0."""
+        if credits != int(credits) or credits < 0 or not (math.isfinite(refill) and refill > 0):
+            raise ValueError(f"an early-poll budget needs CREDITS >= 0 (whole) and SECONDS > 0, "
+                             f"got {credits!r}/{refill!r}")
+        return int(credits), float(refill)
 
     def take(self) -> bool:
         """Spend one credit if there is one (True), else False: stay on the steady cadence."""

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import database, interrupt, mpi, run_pool, slurm, slurm_query
+from . import database, interrupt, mpi, poll_pace, run_pool, slurm, slurm_query
 from . import server as server_mod
 from .interrupt import EXIT_INTERRUPTED
 from .progress import Progress
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         run_pool.check(args.pool, args.backend, spec)
         home = prepare_environment()
         if args.backend == "slurm":
+            poll_pace.poll_settings(), poll_pace.burst_settings()  # the job board's knobs
             slurm_query.check_available(alloc.clusters)
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check",
                                               home / "logs")

@@ -109,7 +109,7 @@ def result(future, job: board.JobState | None, run: RunHandle):
         ending = "already completing or completed" in str(exc)
         try:
             b.wait(lambda: not ending or b.latest(job).ended,
-                   10.0 if ending else 5.0, fresh=True)
+                   (10.0 if ending else 5.0) + b.high, fresh=True)
         except board.ControllerUnreachable:
             pass
         now = b.latest(job)
