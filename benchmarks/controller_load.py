@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
 import overhead  # noqa: E402
 
-from askap_flows.board import DEFAULT_POLL  # noqa: E402
+from askap_flows.poll_pace import DEFAULT_BURST, DEFAULT_POLL  # noqa: E402
 from askap_flows.jobstate import ACTIVE_STATES  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
 
@@ -483,7 +483,9 @@ def main() -> int:
         "workload": {"n": ns, "long_n": long_ns, "programs": programs, "long_seconds": args.long_seconds,
                      "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
                      "srun": launch_command(spec, hello), "board_poll": os.environ.get(
-                         "ASKAP_FLOWS_SLURM_POLL", "default ({:g}-{:g} s)".format(*DEFAULT_POLL))},
+                         "ASKAP_FLOWS_SLURM_POLL", "default ({:g}-{:g} s)".format(*DEFAULT_POLL)),
+                     "board_burst": os.environ.get(
+                         "ASKAP_FLOWS_SLURM_BURST", "default ({}/{:g} s)".format(*DEFAULT_BURST))},
         "command_costs": costs,
         "phases": phases,
         "latency": latency,
