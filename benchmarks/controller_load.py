@@ -52,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench
 import overhead  # noqa: E402
 
-from askap_flows.poll_pace import DEFAULT_BURST, DEFAULT_POLL  # noqa: E402
 from askap_flows.jobstate import ACTIVE_STATES  # noqa: E402
 from askap_flows.mpi import launch_command  # noqa: E402
+from askap_flows.poll_pace import DEFAULT_BURST, DEFAULT_POLL  # noqa: E402
 
 PREFIX = "askapbench"
 MPI = {"nodes": 1, "ntasks": 1, "ntasks_per_node": 1}
