@@ -67,7 +67,10 @@ def run_empty_batch(n: int) -> dict:
 @contextmanager
 def held_salloc(tag: str):
     """One ``salloc --no-shell`` of the pool's nodes (what a user holding nodes by hand does);
-    its job id. Cancelled on the way out."""
+    its job id. Cancelled on the way out, and waited for until SLURM no longer lists it: the
+    next measurement (a pool started cold) needs the same nodes, and counted the salloc's end
+    as its own start (2026-12-04: 17-22 s in all 3 repetitions without the wait, 6-7 s in 2 of 3
+    with it)."""
     name = f"{PREFIX}-salloc-{tag}"
     res = subprocess.run(["salloc", "--no-shell", "-J", name, "--nodes", str(POOL["nodes"]),
                           "--ntasks-per-node", str(POOL["ntasks_per_node"]), "--time",
@@ -79,6 +82,7 @@ def held_salloc(tag: str):
         yield m.group(1)
     finally:
         subprocess.run(["scancel", m.group(1)], capture_output=True)
+        _batch.wait_jobs_gone([m.group(1)], 120)
 
 
 def run_sruns(n: int, job_id: str, argv: list[str], ntasks: int) -> dict:
