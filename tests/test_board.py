@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from askap_flows import board, slurm, slurm_query
+from askap_flows import board, poll_pace, slurm, slurm_query
 
 pytestmark = [pytest.mark.unit, pytest.mark.once]  # the job board: no Prefect
 
@@ -41,6 +41,11 @@ def line(job_id, name, state, reason="None", nodes="node1", limit="00:10:00"):
     return (f"JobId={job_id} JobName={name} UserId=root(0) GroupId=root(0) Priority=1 "
             f"JobState={state} Reason={reason} Dependency=(null) TimeLimit={limit} "
             f"Partition=debug ReqNodeList=(null) NodeList={nodes} BatchHost={nodes}\n")
+
+
+def always_changing(name):
+    """Answers in which the job's reason differs every time (every poll sees a change)."""
+    return Recorded(*(line(1, name, "RUNNING", reason=f"r{i}") for i in range(500)))
 
 
 def test_the_query_is_one_rpc_for_every_job_ended_ones_included():
@@ -149,7 +154,7 @@ def test_the_interval_backs_off_to_high_after_one_unchanged_answer():
 
 def test_the_early_poll_budget_spends_credits_and_refills_them():
     now = [0.0]
-    budget = board.PollBudget(2, 10.0, clock=lambda: now[0])
+    budget = poll_pace.PollBudget(2, 10.0, clock=lambda: now[0])
     assert [budget.take() for _ in range(3)] == [True, True, False]
     now[0] = 9.0
     assert not budget.take()  # 0.9 of a credit back
@@ -157,13 +162,13 @@ def test_the_early_poll_budget_spends_credits_and_refills_them():
     assert budget.take() and not budget.take()
     now[0] = 1000.0  # never more than the cap
     assert [budget.take() for _ in range(3)] == [True, True, False]
-    assert not board.PollBudget(0, 1.0).take()
+    assert not poll_pace.PollBudget(0, 1.0).take()
 
 
 def test_jobs_that_change_all_the_time_get_the_steady_cadence_once_the_budget_is_spent():
     """48 sub-flows starting and ending in waves change the answer at every poll: after the
     budget's early polls the board keeps to ``high`` (the load does not grow with the jobs)."""
-    q = Recorded(*(line(1, "busy", "RUNNING", reason=f"r{i}") for i in range(500)))
+    q = always_changing("busy")
     b = board.JobBoard(q, low=0.05, high=0.4, burst=(3, 1000.0))
     b.track("busy")
     time.sleep(2.0)
@@ -176,7 +181,7 @@ def test_jobs_that_change_all_the_time_get_the_steady_cadence_once_the_budget_is
 def test_a_fresh_wait_is_answered_at_once_with_the_budget_spent():
     """After a cancel or a failed task the reader judges on the next answer: it spends no credit
     and does not wait for the steady cadence."""
-    q = Recorded(*(line(1, "busy", "RUNNING", reason=f"r{i}") for i in range(500)))
+    q = always_changing("busy")
     b = board.JobBoard(q, low=0.05, high=5.0, burst=(0, 1.0))
     b.track("busy")
     assert b.wait(lambda: len(q.calls) >= 1, 5)
@@ -213,11 +218,11 @@ def test_a_malformed_budget_is_refused_before_anything_runs():
 
 
 def test_burst_settings_from_the_environment():
-    assert board.burst_settings({}) == (10, 20.0)
-    assert board.burst_settings({"ASKAP_FLOWS_SLURM_BURST": "0/1"}) == (0, 1.0)
+    assert poll_pace.burst_settings({}) == (10, 20.0)
+    assert poll_pace.burst_settings({"ASKAP_FLOWS_SLURM_BURST": "0/1"}) == (0, 1.0)
     for bad in ("fast", "5", "-1/2", "3/0", "10/nan", "2.5/10"):
         with pytest.raises(ValueError, match="ASKAP_FLOWS_SLURM_BURST=.*CREDITS/SECONDS"):
-            board.burst_settings({"ASKAP_FLOWS_SLURM_BURST": bad})
+            poll_pace.burst_settings({"ASKAP_FLOWS_SLURM_BURST": bad})
 
 
 def test_untracked_names_are_no_longer_asked_about_and_the_thread_ends():
@@ -233,10 +238,10 @@ def test_untracked_names_are_no_longer_asked_about_and_the_thread_ends():
 
 
 def test_poll_settings_from_the_environment():
-    assert board.poll_settings({}) == (1.0, 2.0, 60.0)
-    assert board.poll_settings({board.POLL_ENV: "2-10", board.GRACE_ENV: "120"}) == (2, 10, 120)
-    with pytest.raises(ValueError, match=board.POLL_ENV):
-        board.poll_settings({board.POLL_ENV: "fast"})
+    assert poll_pace.poll_settings({}) == (1.0, 2.0, 60.0)
+    assert poll_pace.poll_settings({poll_pace.POLL_ENV: "2-10", poll_pace.GRACE_ENV: "120"}) == (2, 10, 120)
+    with pytest.raises(ValueError, match=poll_pace.POLL_ENV):
+        poll_pace.poll_settings({poll_pace.POLL_ENV: "fast"})
 
 
 def test_node_classification_retries_only_for_failed_nodes():

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from . import clusters, shell
 from .jobstate import ACTIVE_STATES, GONE, JobState, parse_jobs, query_command  # noqa: F401
-from .poll_pace import DEFAULT_POLL, GRACE_ENV, POLL_ENV, PollBudget, burst_settings, poll_settings  # noqa: F401
+from .poll_pace import GRACE_ENV, PollBudget, burst_settings, poll_settings
 from .slurm import SlurmError
 
 log = logging.getLogger("askap_flows")

@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 
-from . import board, mpi, shell
+from . import board, mpi, poll_pace, shell
 from .slurm_query import SLURM_INSTALL_HINT
 from .spec import MPISpec
 
@@ -93,7 +93,7 @@ def _step(spec: MPISpec, program: str, check_ranks: bool, send, stop) -> dict:
         if line.startswith("srun: error: ") or mpi.OMPI_WITHOUT_PMIX in line:
             srun_errors.append(line)
 
-    pauses = board.retry_pauses(board.poll_settings()[2])  # the board's grace period
+    pauses = board.retry_pauses(poll_pace.poll_settings()[2])  # the board's grace period
     while True:
         srun_errors.clear()
         try:

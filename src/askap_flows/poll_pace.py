@@ -68,7 +68,7 @@ class PollBudget:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.credits, self.refill = self.checked(credits, refill)
         self._clock = clock
-        self._left, self._at = float(credits), clock()
+        self._left, self._at = float(self.credits), clock()
 
     @staticmethod
     def checked(credits: int, refill: float) -> tuple[int, float]:

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         run_pool.check(args.pool, args.backend, spec)
         home = prepare_environment()
         if args.backend == "slurm":
-            poll_pace.poll_settings(), poll_pace.burst_settings()  # the job board's knobs
+            poll_pace.poll_settings()  # the job board's knobs: a malformed one stops us here
+            poll_pace.burst_settings()
             slurm_query.check_available(alloc.clusters)
             kwargs = slurm.run_cluster_kwargs(alloc, f"{alloc.job_name_prefix}-check",
                                               home / "logs")
