@@ -12,6 +12,8 @@ import functools
 import subprocess
 import time
 
+import _bench
+
 
 def error_line(exc: BaseException) -> str:
     """An error in one line for the JSON: its type and its first line."""
@@ -46,15 +48,17 @@ def batch_flow(name: str, call, around=contextlib.nullcontext):
 
 def timed_batch(parent, n: int, latencies: dict, ntasks: int | None) -> dict:
     """Run ``parent(n)`` (a flow of n MPI sub-flows of ``ntasks`` ranks; None: not MPI runs);
-    its wall time, failures (an error, or a world of the wrong size), the calls' latencies and
+    its wall time, the machine's busy (and stolen) CPU seconds meanwhile, failures (an error, or a
+    world of the wrong size), the calls' latencies and
     the outcomes."""
-    started = time.monotonic()
+    started, cpu = time.monotonic(), _bench.cpu_mark()
     outcomes = parent(n)
-    wall = time.monotonic() - started
+    wall, cpu_used = time.monotonic() - started, _bench.cpu_used(cpu)
     errors = [error_line(o.error) for o in outcomes if not o.ok]
     bad_ranks = [o.index for o in outcomes
                  if ntasks is not None and o.ok and len(o.value.ranks) != ntasks]
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(errors) + len(bad_ranks),
+    return {"n": n, "wall_seconds": round(wall, 3), **cpu_used,
+            "failures": len(errors) + len(bad_ranks),
             "errors": errors[:3], "latencies": sorted(round(v, 3) for v in latencies.values()),
             "outcomes": outcomes}
 

@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import _batch
+import _bench
 
 PREFIX = "askapbench"
 POOL = {"nodes": 3, "ntasks_per_node": 4, "walltime": "00:20:00", "job_name_prefix": PREFIX}
@@ -90,7 +91,7 @@ def run_sruns(n: int, job_id: str, argv: list[str], ntasks: int) -> dict:
     from askap_flows import mpi
 
     line = [argv[0], f"--jobid={job_id}", "--exact", *argv[1:]]
-    started = time.monotonic()
+    started, cpu = time.monotonic(), _bench.cpu_mark()
     procs = [subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
     latencies, errors = [], []
@@ -105,7 +106,8 @@ def run_sruns(n: int, job_id: str, argv: list[str], ntasks: int) -> dict:
         except mpi.MPIError as exc:
             errors.append(str(exc))
     return {"n": n, "wall_seconds": round(time.monotonic() - started, 3),
-            "failures": len(errors), "errors": errors[:3], "latencies": sorted(latencies)}
+            **_bench.cpu_used(cpu), "failures": len(errors), "errors": errors[:3],
+            "latencies": sorted(latencies)}
 
 
 def run_pool_kinds(n: int, mpi: dict, program: str, argv: list[str], tag: str) -> dict:

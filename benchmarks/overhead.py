@@ -25,6 +25,7 @@ server on loopback for the run. Its SLURM jobs are named askapbench-*; nothing e
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
         scripts.append((name, path))
     submitted: dict[str, float] = {}
     names: dict[str, str] = {}
-    started = time.monotonic()
+    started, cpu = time.monotonic(), _bench.cpu_mark()
     for name, path in scripts:
         t = time.monotonic()
         out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True,
@@ -83,9 +84,9 @@ def run_floor(n: int, alloc, spec, program: str, work: Path, tag: str) -> dict:
         ended = _batch.wait_jobs_gone(list(submitted), 600)
     except RuntimeError as exc:
         raise SystemExit(f"floor: {exc}") from None
-    wall = max(ended.values()) - started
+    wall, cpu_used = max(ended.values()) - started, _bench.cpu_used(cpu)
     failures = floor_failures(names, log_dir, spec)
-    return {"n": n, "wall_seconds": round(wall, 3), "failures": len(failures),
+    return {"n": n, "wall_seconds": round(wall, 3), **cpu_used, "failures": len(failures),
             "errors": failures[:3],
             "latencies": sorted(round(ended[j] - submitted[j], 3) for j in submitted)}
 
@@ -120,7 +121,10 @@ def run_subflow_batch(n: int, program: str, tag: str) -> dict:
 def summarize(samples: list[dict], key: str) -> dict:
     walls = [s["wall_seconds"] for s in samples]
     lat = [v for s in samples for v in s["latencies"]]
+    cpus = [s["cpu_seconds"] for s in samples if "cpu_seconds" in s]
     return {"median_wall_seconds": _bench.median(walls),
+            "median_cpu_seconds": _bench.median(cpus) if cpus else None,
+            "steal_seconds": round(sum(s.get("steal_seconds", 0.0) for s in samples), 2),
             "median_latency_seconds": _bench.median(lat),
             "failures": sum(s["failures"] for s in samples), "runs": len(samples), "kind": key}
 
@@ -220,7 +224,8 @@ def main() -> int:
     result = {
         **_bench.run_header("overhead", args.quick, load_before, server),
         "workload": {"runs": args.runs, "mpi": MPI, "allocation": ALLOC, "profile": "testbed",
-                     "srun": launch_command(spec, program), "reps": args.reps},
+                     "srun": launch_command(spec, program), "reps": args.reps,
+                     "cpus": os.cpu_count()},
         "summary": summary,
         "ratio_wall": over(summary, "subflows", "floor"),
         "ratio_latency": over(summary, "subflows", "floor", "median_latency_seconds",

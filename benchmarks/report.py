@@ -21,7 +21,7 @@ def overhead(d: dict) -> str:
     s = d["summary"]
     out = [f"Prefect {d['versions']['prefect']}, {d['date_utc']} UTC, load average before/after "
            f"{d['load_average_before'][0]} / {d['load_average_after'][0]}, "
-           f"{d['workload']['reps']} interleaved repetitions (medians)", "",
+           f"{d['workload']['reps']} interleaved repetitions (medians){stolen(d)}", "",
            "| workload | bare sbatch (floor) | askap_flows sub-flows | ratio | failures |",
            "|---|---|---|---|---|",
            f"| W = {d['workload']['runs']} runs, wall time | {_f(s['floor']['median_wall_seconds'], 2)} s"
@@ -34,6 +34,8 @@ def overhead(d: dict) -> str:
                    f"{_f(s['subflows_single']['median_wall_seconds'], 2)} s | "
                    f"{_f(d['ratio_single'], 2)}x | {s['floor_single']['failures']} / "
                    f"{s['subflows_single']['failures']} |")
+    out += cpu_rows(d, (("W", "floor", "subflows"), ("one run alone", "floor_single",
+                                                     "subflows_single")))
     if d.get("ratio_dask_wall"):
         out += ["", "The same runs through stock dask-jobqueue alone (a `SLURMCluster`, a `Client`, "
                 "the srun task, the close; no Prefect, no askap_flows run machinery):", "",
@@ -63,22 +65,58 @@ def overhead(d: dict) -> str:
     return "\n".join(out)
 
 
+def stolen(d: dict) -> str:
+    """The CPU seconds the hypervisor took over all measured samples, if recorded."""
+    steal = [v["steal_seconds"] for v in d["summary"].values() if "steal_seconds" in v]
+    return f"; CPU stolen by the hypervisor during the samples: {sum(steal):.1f} s" if steal else ""
+
+
+def cpu_rows(d: dict, rows) -> list[str]:
+    """The machine's busy CPU seconds (all processes, all cores) over each measurement, and their
+    share of the cores' time: a measurement near 100 % is bound by the 2 cores, not by waiting."""
+    s, cpus = d["summary"], d["workload"].get("cpus")
+
+    def cell(kind):
+        c, w = s[kind].get("median_cpu_seconds"), s[kind]["median_wall_seconds"]
+        return f"{c:.1f} s ({c / (cpus * w):.0%})"
+
+    shown = [(label, a, b) for label, a, b in rows if a in s and b in s
+             and s[a].get("median_cpu_seconds") is not None and s[b].get("median_cpu_seconds")
+             is not None]
+    if not shown or not cpus:
+        return []
+    return ["", f"CPU busy meanwhile (median CPU seconds of the whole machine, {cpus} cores; "
+            "share of the cores' time):", "", "| workload | floor | askap_flows |", "|---|---|---|",
+            *(f"| {label} | {cell(a)} | {cell(b)} |" for label, a, b in shown)]
+
+
 def pool(d: dict) -> str:
     """overhead.py --pool: the pool's rows against the floor and against bare srun."""
     s = d["summary"]
     if "pool_warm" not in s:
         return "(no pool rows: run overhead.py with --pool)"
 
+    cpus = d["workload"].get("cpus")
+
+    def busy(key, what):
+        """The machine's busy CPU seconds over the measurement, and its share of the cores."""
+        c, w = s[key].get("median_cpu_seconds"), s[key]["median_wall_seconds"]
+        if what != "median_wall_seconds" or c is None or not cpus or not w:
+            return "-"
+        return f"{c:.1f} s ({c / (cpus * w):.0%})"
+
     def row(label, key, floor_key, target, what="median_wall_seconds"):
         a, b = s[key][what], s[floor_key]["median_wall_seconds"]
         r = round(a / b, 2) if a and b else None
         return (f"| {label} | {_f(a, 2)} s | {_f(b, 2)} s ({floor_key}) | {_f(r, 2)}x | "
-                f"{target} | {s[key]['failures']} |")
+                f"{target} | {s[key]['failures']} | {busy(key, what)} |")
 
     out = [f"Prefect {d['versions']['prefect']}, {d['date_utc']} UTC, load average before/after "
            f"{d['load_average_before'][0]} / {d['load_average_after'][0]}, "
-           f"{d['workload']['reps']} repetition(s) (medians)", "",
-           "| workload | askap_flows | floor | ratio | target | failures |", "|---|---|---|---|---|---|",
+           f"{d['workload']['reps']} repetition(s) (medians){stolen(d)}", "",
+           "| workload | askap_flows | floor | ratio | target | failures | CPU busy (all cores) |",
+           "|---|---|---|---|---|---|---|",
+           row("the floor: W as bare sbatch jobs", "floor", "floor", "-"),
            row(f"W = {d['workload']['runs']} runs, warm pool", "pool_warm", "floor", "<= 0.5x"),
            row("W, pool started cold (its start and end counted)", "pool_cold", "floor",
                "<= 1.2x")]
@@ -110,7 +148,7 @@ def last_row(d: dict, key: str) -> str:
     a, b = (statistics.median(lasts) if lasts else None), d["summary"]["floor"]["median_wall_seconds"]
     r = round(a / b, 2) if a and b else None
     return (f"| W, warm pool, until its last sub-flow returned | {_f(a, 2)} s | {_f(b, 2)} s "
-            f"(floor) | {_f(r, 2)}x | - | {d['summary'][key]['failures']} |")
+            f"(floor) | {_f(r, 2)}x | - | {d['summary'][key]['failures']} | - |")
 
 
 def throughput(d: dict) -> str:

@@ -28,6 +28,14 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
     return data
 
 
+def _check_cpu(data: dict, sample: dict, summary: dict) -> None:
+    """A sample's busy CPU seconds (the whole machine's, /proc/stat) are some work, at most all
+    cores for its whole wall time; its median is the summary's (one repetition)."""
+    assert 0 < sample["cpu_seconds"] <= data["workload"]["cpus"] * sample["wall_seconds"] + 0.1
+    assert sample["steal_seconds"] >= 0
+    assert summary["median_cpu_seconds"] == sample["cpu_seconds"]
+
+
 @pytest.mark.slurm
 @pytest.mark.once  # the overhead benchmark runs under Prefect 3 (benchmarks/README.md)
 def test_overhead_quick(tmp_path):
@@ -43,6 +51,7 @@ def test_overhead_quick(tmp_path):
         assert max(sample["latencies"]) <= sample["wall_seconds"] + 0.01
         summary = data["summary"][kind]
         assert summary["runs"] == 1 and summary["median_wall_seconds"] == sample["wall_seconds"]
+        _check_cpu(data, sample, summary)
     assert data["ratio_wall"] == round(data["summary"]["subflows"]["median_wall_seconds"]
                                        / data["summary"]["floor"]["median_wall_seconds"], 3)
     # every sub-flow's phases add up to its total, which its caller's latency contains
@@ -213,6 +222,7 @@ def test_overhead_pool_quick(tmp_path):
         assert sample["failures"] == 0, (kind, sample["errors"])
         assert len(sample["latencies"]) == (1 if kind.endswith("single") else 2)
         assert data["summary"][kind]["median_wall_seconds"] == sample["wall_seconds"]
+        _check_cpu(data, sample, data["summary"][kind])
     s = data["summary"]
     assert data["ratio_prefect_w"] == round(s["prefect_w"]["median_wall_seconds"]
                                             / s["floor"]["median_wall_seconds"], 3)
