@@ -38,7 +38,7 @@ def _check_cpu(data: dict, sample: dict, summary: dict) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.once  # the overhead benchmark runs under Prefect 3 (benchmarks/README.md)
-def test_overhead_quick(tmp_path):
+def test_overhead_quick(tmp_path, no_jobs_left):
     data = _run("overhead", tmp_path, "--dask")
     runs = data["workload"]["runs"]
     assert data["quick"] and data["workload"]["reps"] == 1 and runs == 2
@@ -91,7 +91,7 @@ def test_sweep_quick(tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.once  # as the overhead benchmark
-def test_controller_load_quick(tmp_path):
+def test_controller_load_quick(tmp_path, no_jobs_left):
     data = _run("controller_load", tmp_path)
     assert data["quick"] and data["workload"]["n"] == [2] and data["workload"]["programs"] == ["short"]
     phases = data["phases"]
@@ -211,7 +211,7 @@ def test_server_workers_quick(tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.once  # as the overhead benchmark
-def test_overhead_pool_quick(tmp_path):
+def test_overhead_pool_quick(tmp_path, no_jobs_left):
     """--pool: W through a warm and a cold pool, one step alone, and their floor of bare srun in
     a held salloc, all in one repetition."""
     data = _run("overhead", tmp_path, "--pool")
@@ -234,7 +234,7 @@ def test_overhead_pool_quick(tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.once  # as the overhead benchmark
-def test_throughput_quick(tmp_path):
+def test_throughput_quick(tmp_path, no_jobs_left):
     data = _run("throughput", tmp_path)
     assert data["quick"] and data["workload"]["n"] == 4
     for mode in ("pool", "cold"):

@@ -59,8 +59,16 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
         n = 8 if "wide" in res.name else 2
         assert len(res.ranks) == n and {r.size for r in res.ranks} == {n}
     assert [len(o.value.nodes) for o in out] == [2, 2, 2, 1, 1]
-    runs = flow_runs([f"pool-wide0-{tag}", f"pool-small1-{tag}"])
+    # two 2-node steps of 4 CPUs per node cannot run at once on 3 such nodes: all but one of the
+    # three waited in the pool's own queue (before their srun), none in SLURM's step retry loop
+    waits = sorted(o.value.timings["queue_wait"] for o in out if "wide" in o.value.name)
+    assert waits[1] > 0.2, waits
+    runs = flow_runs([*(f"pool-wide{i}-{tag}" for i in range(3)), f"pool-small1-{tag}"])
     assert {r["state_type"] for r in runs.values()} == {"COMPLETED"}, runs
+    for i in range(3):
+        said = " ".join(m["message"] for m in flow_run_logs(runs[f"pool-wide{i}-{tag}"]["id"]))
+        assert "ASKAP_MPI_HELLO rank=" in said, said[:500]  # the program's lines are here
+        assert "temporarily disabled" not in said and "nodes are busy" not in said, said[-1500:]
     from test_faults import _api
 
     artifacts = _api("/artifacts/filter", {

@@ -252,17 +252,74 @@ def _heartbeat():
     return get_current_settings().flows.heartbeat_frequency
 
 
-def _pool():
+def _pool(left: float = 3600.0):
+    """A pool of 2 nodes x 4 CPUs whose allocation ends in ``left`` s (walltime 10 min)."""
     import time
 
     from askap_flows import jobs
     from askap_flows.pool import Pool
     from askap_flows.resolve import resolve
 
-    alloc = resolve("testbed", backend="slurm", allocation={"nodes": 2, "ntasks_per_node": 4},
+    alloc = resolve("testbed", backend="slurm", allocation={"nodes": 2, "ntasks_per_node": 4,
+                                                            "walltime": "00:10:00"},
                     step=False).allocation_spec()
     handle = jobs.RunHandle("t", "askapflows-pool-t", "/tmp", 60.0, "slurm")
-    return Pool(alloc, "testbed", handle, FakeClient(), "1", NODES[:2], time.time() + 3600, None)
+    return Pool(alloc, "testbed", handle, FakeClient(), "1", NODES[:2], time.time() + left, None)
+
+
+class _Said:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, fmt, *args):
+        self.lines.append(fmt % args)
+
+
+def test_a_step_is_checked_against_the_time_left_not_the_walltime():
+    """A 5-minute step fits a 10-minute walltime, but not an allocation that ends in 100 s."""
+    from askap_flows.pool import PoolError
+
+    pool = _pool(left=100)
+    with pytest.raises(PoolError, match=r"up to 300 s \(MPISpec.timeout\).*walltime 00:10:00\) "
+                                        r"ends in (99|100) s"):
+        pool.check_step(MPISpec(nodes=1, ntasks=2, ntasks_per_node=2, timeout=300))
+    pool.check_step(MPISpec(nodes=1, ntasks=2, ntasks_per_node=2, timeout=60))  # fits
+    pool.check_step(MPISpec(nodes=1, ntasks=2, ntasks_per_node=2))  # no timeout: not checked
+
+
+def test_a_step_that_waited_too_long_for_nodes_is_refused_and_gives_its_place_back():
+    """A step queued behind a busy pool is checked again when its nodes come: if the allocation
+    now ends before the step could finish, it is refused and the nodes stay free."""
+    from askap_flows.pool import PoolError
+
+    pool, said = _pool(left=100), _Said()
+    busy, _ = pool.request(MPISpec(nodes=2, ntasks=8, ntasks_per_node=4))  # every CPU
+    step = MPISpec(nodes=1, ntasks=2, ntasks_per_node=2, timeout=60)
+    pool.check_step(step)  # fits now
+    ticket, nodes = pool.request(step)
+    assert nodes is None and pool.ledger.waiting(ticket) == 0  # queued, first in line
+    pool.deadline -= 90  # it waited: the allocation now ends in about 10 s
+    pool.release(busy)
+    with pytest.raises(PoolError, match=r"up to 60 s .* ends in (9|10) s"):
+        pool.wait(ticket, step, said)
+    assert pool.ledger.free == {"node1": 4, "node2": 4} and not pool.ledger.running
+
+
+def test_a_queued_step_that_no_longer_fits_after_a_node_died_fails_with_the_node():
+    """Pool.drop: a node died; a queued 2-node step can never run on the 1 node left and its
+    sub-flow fails with the node's name, instead of waiting forever."""
+    from askap_flows.pool import PoolError
+
+    pool, said = _pool(), _Said()
+    busy, _ = pool.request(MPISpec(nodes=1, ntasks=4, ntasks_per_node=4))
+    wide = MPISpec(nodes=2, ntasks=4, ntasks_per_node=2)
+    ticket, nodes = pool.request(wide)
+    assert nodes is None  # node1 is busy: it waits
+    dead = [n for n in NODES[:2] if n not in pool.ledger.running[busy]]
+    pool.drop(dead)
+    with pytest.raises(PoolError, match=rf"lost node {dead[0]}; the step no longer fits"):
+        pool.wait(ticket, wide, said)
+    assert dead[0] not in pool.nodes and ticket not in pool.ledger.running
 
 
 class FakeFuture:
