@@ -159,8 +159,25 @@ def _jobs(prefix="askapflows-"):
 @pytest.mark.slurm
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hello_program):
+    _signal_run(sig, tmp_path, hello_program, [], jobs=3)
+
+
+@pytest.mark.slurm
+def test_sigterm_to_a_pool_pipeline_leaves_no_job_and_no_process(tmp_path, hello_program):
+    """`run --pool`: the pipeline's shutdown ends the pool's held job with its running step and
+    the steps still queued in the pool (README, docs/writing_subflows.md: Lifecycle). Fails
+    without the run's signal handling (interrupt.install: killed by SIGTERM, no summary). The
+    job's end itself has three causes that overlap: the interrupt's cancel round, the pool's own
+    close, and the pool's Dask worker leaving when its scheduler (in the pipeline) is gone; with
+    the first two removed it still passed (2026-12-04)."""
+    _signal_run(signal.SIGTERM, tmp_path, hello_program, ["--pool", "1"], jobs=1)
+
+
+def _signal_run(sig, tmp_path, hello_program, args: list[str], jobs: int) -> None:
+    """A main job of 3 sub-flows whose MPI steps sleep 120 s gets ``sig`` once ``jobs`` SLURM
+    jobs of it run their first step: it exits 130, and no job, rank or Dask worker is left."""
     profile = tmp_path / "sleepy.yaml"
-    prefix = f"sigtest{os.getpid()}{sig.value}"  # only this test's jobs are watched
+    prefix = f"sigtest{os.getpid()}{sig.value}{len(args)}"  # only this test's jobs are watched
     profile.write_text(f"allocation:\n  job_name_prefix: {prefix}\n"
                        "  nodes: 1\n  ntasks_per_node: 1\n  partition: debug\n"
                        "  interface: lo\n  scheduler_interface: lo\n"
@@ -169,7 +186,7 @@ def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hell
     workers_before = dask_workers()
     proc = subprocess.Popen(
         [sys.executable, "-m", "askap_flows.run", "--backend", "slurm", "--profile", str(profile),
-         "--subflows", "3", "--max-concurrent", "3", "--program", hello_program],
+         "--subflows", "3", "--max-concurrent", "3", "--program", hello_program, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "ASKAP_FLOWS_HOME": str(home)})
     deadline = time.monotonic() + 120
@@ -178,10 +195,10 @@ def test_signal_to_the_pipeline_leaves_no_job_and_no_process(sig, tmp_path, hell
         ids = [line.split()[1] for line in askap_jobs(prefix)]
         steps = subprocess.run(["squeue", "-h", "-s", "-o", "%i"], capture_output=True,
                                text=True).stdout.split()
-        if len(ids) == 3 and all(f"{i}.0" in steps for i in ids):
+        if len(ids) == jobs and all(f"{i}.0" in steps for i in ids):
             break
         time.sleep(0.5)
-    assert len(_jobs(prefix)) == 3, "the three jobs never ran"
+    assert len(_jobs(prefix)) == jobs, f"the {jobs} job(s) never ran"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
