@@ -381,6 +381,23 @@ def test_a_step_with_free_nodes_starts_its_srun_before_its_flow_run(monkeypatch)
     assert pool.ledger.queue == type(pool.ledger.queue)() and busy in pool.ledger.running
 
 
+def test_a_failed_srun_keeps_its_nodes_until_its_flow_run_is_done_with_them(monkeypatch):
+    """A srun that ended well frees its nodes from its future's callback; one that failed does
+    not: its flow run first asks SLURM whether a node died (pool_step.run_step), and no other
+    step is placed on a node that may be dead meanwhile."""
+    from askap_flows import pool_step
+
+    pool, free = _pool(), []
+
+    class Failed(FakeFuture):
+        status = "error"
+
+    monkeypatch.setattr(pool.client, "submit", lambda *a, **kw: Failed())
+    monkeypatch.setattr(pool_step, "pool_step", lambda **kw: free.append(dict(pool.ledger.free)))
+    pool.run_mpi({"nodes": 1, "ntasks": 2, "ntasks_per_node": 2}, program="/bin/true", name="f")
+    assert free == [{"node1": 2, "node2": 4}], free  # still held while its flow run ran
+
+
 def test_pooled_steps_run_without_prefect_3s_flow_heartbeat(monkeypatch):
     """Prefect 3 joins every flow run's heartbeat thread at its end (0.5 s on average per step);
     a pooled step's flow run starts none, unless the user set the frequency himself."""
