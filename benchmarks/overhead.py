@@ -124,7 +124,8 @@ def summarize(samples: list[dict], key: str) -> dict:
     cpus = [s["cpu_seconds"] for s in samples if "cpu_seconds" in s]
     return {"median_wall_seconds": _bench.median(walls),
             "median_cpu_seconds": _bench.median(cpus) if cpus else None,
-            "steal_seconds": round(sum(s.get("steal_seconds", 0.0) for s in samples), 2),
+            "steal_seconds": (round(sum(s["steal_seconds"] for s in samples), 2)
+                              if all("steal_seconds" in s for s in samples) else None),
             "median_latency_seconds": _bench.median(lat),
             "failures": sum(s["failures"] for s in samples), "runs": len(samples), "kind": key}
 

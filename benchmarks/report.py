@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -66,28 +67,36 @@ def overhead(d: dict) -> str:
 
 
 def stolen(d: dict) -> str:
-    """The CPU seconds the hypervisor took over all measured samples, if recorded."""
-    steal = [v["steal_seconds"] for v in d["summary"].values() if "steal_seconds" in v]
-    return f"; CPU stolen by the hypervisor during the samples: {sum(steal):.1f} s" if steal else ""
+    """The CPU seconds the hypervisor took over the samples whose CPU was measured, if any."""
+    steal = [v["steal_seconds"] for v in d["summary"].values() if v.get("steal_seconds")]
+    return (f"; CPU stolen by the hypervisor during the samples measured: {sum(steal):.1f} s"
+            if steal else "")
+
+
+def busy_cell(d: dict, kind: str) -> str:
+    """A kind's median busy CPU seconds, and the median over its samples of their share of the
+    time the cores were there to run it (the cores' time less what the hypervisor stole)."""
+    cpus, c = d["workload"].get("cpus"), d["summary"][kind].get("median_cpu_seconds")
+    shares = [r[kind]["cpu_seconds"] / (cpus * r[kind]["wall_seconds"]
+                                        - r[kind].get("steal_seconds", 0.0))
+              for r in d.get("repetitions", []) if "cpu_seconds" in r.get(kind, {})] if cpus else []
+    if c is None or not shares:
+        return "-"
+    return f"{c:.1f} s ({statistics.median(shares):.0%})"
 
 
 def cpu_rows(d: dict, rows) -> list[str]:
     """The machine's busy CPU seconds (all processes, all cores) over each measurement, and their
     share of the cores' time: a measurement near 100 % is bound by the 2 cores, not by waiting."""
     s, cpus = d["summary"], d["workload"].get("cpus")
-
-    def cell(kind):
-        c, w = s[kind].get("median_cpu_seconds"), s[kind]["median_wall_seconds"]
-        return f"{c:.1f} s ({c / (cpus * w):.0%})"
-
     shown = [(label, a, b) for label, a, b in rows if a in s and b in s
-             and s[a].get("median_cpu_seconds") is not None and s[b].get("median_cpu_seconds")
-             is not None]
+             and "-" not in (busy_cell(d, a), busy_cell(d, b))]
     if not shown or not cpus:
         return []
     return ["", f"CPU busy meanwhile (median CPU seconds of the whole machine, {cpus} cores; "
-            "share of the cores' time):", "", "| workload | floor | askap_flows |", "|---|---|---|",
-            *(f"| {label} | {cell(a)} | {cell(b)} |" for label, a, b in shown)]
+            "median share of the cores' time not stolen by the hypervisor):", "",
+            "| workload | floor | askap_flows |", "|---|---|---|",
+            *(f"| {label} | {busy_cell(d, a)} | {busy_cell(d, b)} |" for label, a, b in shown)]
 
 
 def pool(d: dict) -> str:
@@ -96,14 +105,9 @@ def pool(d: dict) -> str:
     if "pool_warm" not in s:
         return "(no pool rows: run overhead.py with --pool)"
 
-    cpus = d["workload"].get("cpus")
-
     def busy(key, what):
-        """The machine's busy CPU seconds over the measurement, and its share of the cores."""
-        c, w = s[key].get("median_cpu_seconds"), s[key]["median_wall_seconds"]
-        if what != "median_wall_seconds" or c is None or not cpus or not w:
-            return "-"
-        return f"{c:.1f} s ({c / (cpus * w):.0%})"
+        """The machine's busy CPU seconds over the measurement (not over one call's latency)."""
+        return busy_cell(d, key) if what == "median_wall_seconds" else "-"
 
     def row(label, key, floor_key, target, what="median_wall_seconds"):
         a, b = s[key][what], s[floor_key]["median_wall_seconds"]
