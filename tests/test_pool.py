@@ -28,7 +28,9 @@ def test_steps_run_side_by_side_in_one_held_job(hello_program, no_jobs_left):
     from askap_flows.pool import PoolError
 
     tag = uuid.uuid4().hex[:6]
-    wide = {"nodes": 2, "ntasks": 8, "ntasks_per_node": 4}
+    # each wide step runs 1 s at least: the three are called together, and a slow start of one
+    # call on a loaded machine must not let the steps run one after another without queueing
+    wide = {"nodes": 2, "ntasks": 8, "ntasks_per_node": 4, "args": ["--sleep", "1"]}
     small = {"nodes": 1, "ntasks": 2, "ntasks_per_node": 2}
     with allocation(profile="testbed", nodes=3, walltime="00:10:00", ntasks_per_node=4) as pool:
         assert pool.nodes == ["node1", "node2", "node3"]
