@@ -124,34 +124,22 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_busy() -> float:
-    """Seconds the whole machine's CPUs have been busy (user, nice, system, interrupts; not idle,
-    not waiting for I/O, not stolen by the hypervisor) since boot (/proc/stat): the difference
-    over a measurement is the CPU work it took, every process counted (the test bed's nodes, the
-    Prefect server and PostgreSQL run on the same cores)."""
-    user, nice, system, _idle, _iowait, irq, softirq = _cpu_fields()[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_steal() -> float:
-    """Seconds the hypervisor has taken the machine's CPUs away since boot (/proc/stat's steal):
-    a measurement that grew it ran on a machine slower than it looks."""
-    return _cpu_fields()[7] / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_mark() -> tuple[float, float]:
-    """Now, for ``cpu_used``."""
-    return cpu_busy(), cpu_steal()
+    """The whole machine's CPU seconds since boot, from one read of /proc/stat: (busy, stolen).
+    Busy is user, nice, system and interrupts (not idle, not waiting for I/O, not stolen): over a
+    measurement, the CPU work it took, every process counted (the test bed's nodes, the Prefect
+    server and PostgreSQL run on the same cores). Stolen is what the hypervisor took away: a
+    measurement that grew it ran on a machine slower than it looks."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def cpu_used(mark: tuple[float, float]) -> dict[str, float]:
     """The busy and stolen CPU seconds since ``mark`` (``cpu_mark()``), for a sample's JSON."""
-    return {"cpu_seconds": round(cpu_busy() - mark[0], 2),
-            "steal_seconds": round(cpu_steal() - mark[1], 2)}
-
-
-def _cpu_fields() -> list[int]:
-    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy, steal = cpu_mark()
+    return {"cpu_seconds": round(busy - mark[0], 2), "steal_seconds": round(steal - mark[1], 2)}
 
 
 def write_json(data: dict, out: str | os.PathLike | None) -> None:

@@ -121,9 +121,9 @@ def run_subflow_batch(n: int, program: str, tag: str) -> dict:
 def summarize(samples: list[dict], key: str) -> dict:
     walls = [s["wall_seconds"] for s in samples]
     lat = [v for s in samples for v in s["latencies"]]
-    cpus = [s["cpu_seconds"] for s in samples if "cpu_seconds" in s]
+    busy = [s["cpu_seconds"] for s in samples if "cpu_seconds" in s]
     return {"median_wall_seconds": _bench.median(walls),
-            "median_cpu_seconds": _bench.median(cpus) if cpus else None,
+            "median_cpu_seconds": _bench.median(busy) if busy else None,
             "steal_seconds": (round(sum(s["steal_seconds"] for s in samples), 2)
                               if all("steal_seconds" in s for s in samples) else None),
             "median_latency_seconds": _bench.median(lat),

@@ -88,15 +88,15 @@ def busy_cell(d: dict, kind: str) -> str:
 def cpu_rows(d: dict, rows) -> list[str]:
     """The machine's busy CPU seconds (all processes, all cores) over each measurement, and their
     share of the cores' time: a measurement near 100 % is bound by the 2 cores, not by waiting."""
-    s, cpus = d["summary"], d["workload"].get("cpus")
-    shown = [(label, a, b) for label, a, b in rows if a in s and b in s
-             and "-" not in (busy_cell(d, a), busy_cell(d, b))]
-    if not shown or not cpus:
+    cells = [(label, busy_cell(d, a), busy_cell(d, b)) for label, a, b in rows
+             if a in d["summary"] and b in d["summary"]]
+    shown = [c for c in cells if "-" not in c[1:]]
+    if not shown:
         return []
-    return ["", f"CPU busy meanwhile (median CPU seconds of the whole machine, {cpus} cores; "
-            "median share of the cores' time not stolen by the hypervisor):", "",
-            "| workload | floor | askap_flows |", "|---|---|---|",
-            *(f"| {label} | {busy_cell(d, a)} | {busy_cell(d, b)} |" for label, a, b in shown)]
+    return ["", "CPU busy meanwhile (median CPU seconds of the whole machine, "
+            f"{d['workload']['cpus']} cores; median share of the cores' time not stolen by the "
+            "hypervisor):", "", "| workload | floor | askap_flows |", "|---|---|---|",
+            *(f"| {label} | {a} | {b} |" for label, a, b in shown)]
 
 
 def pool(d: dict) -> str:
@@ -146,8 +146,6 @@ def pool(d: dict) -> str:
 def last_row(d: dict, key: str) -> str:
     """W's time until its last sub-flow call returned (median over the repetitions), without its
     parent flow run's creation and end (Prefect 3 joins the parent's heartbeat thread: 0-1 s)."""
-    import statistics
-
     lasts = [max(r[key]["latencies"]) for r in d["repetitions"] if r.get(key, {}).get("latencies")]
     a, b = (statistics.median(lasts) if lasts else None), d["summary"]["floor"]["median_wall_seconds"]
     r = round(a / b, 2) if a and b else None

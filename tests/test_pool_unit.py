@@ -1,5 +1,7 @@
 """The pool's node ledger and the command line of a pooled step (pure, no SLURM)."""
 
+import logging
+
 import pytest
 
 from askap_flows.ledger import LedgerError, NodeLedger
@@ -267,14 +269,6 @@ def _pool(left: float = 3600.0):
     return Pool(alloc, "testbed", handle, FakeClient(), "1", NODES[:2], time.time() + left, None)
 
 
-class _Said:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, fmt, *args):
-        self.lines.append(fmt % args)
-
-
 def test_a_step_is_checked_against_the_time_left_not_the_walltime():
     """A 5-minute step fits a 10-minute walltime, but not an allocation that ends in 100 s."""
     from askap_flows.pool import PoolError
@@ -292,7 +286,7 @@ def test_a_step_that_waited_too_long_for_nodes_is_refused_and_gives_its_place_ba
     now ends before the step could finish, it is refused and the nodes stay free."""
     from askap_flows.pool import PoolError
 
-    pool, said = _pool(left=100), _Said()
+    pool, said = _pool(left=100), logging.getLogger("askap_flows")
     busy, _ = pool.request(MPISpec(nodes=2, ntasks=8, ntasks_per_node=4))  # every CPU
     step = MPISpec(nodes=1, ntasks=2, ntasks_per_node=2, timeout=60)
     pool.check_step(step)  # fits now
@@ -310,7 +304,7 @@ def test_a_queued_step_that_no_longer_fits_after_a_node_died_fails_with_the_node
     sub-flow fails with the node's name, instead of waiting forever."""
     from askap_flows.pool import PoolError
 
-    pool, said = _pool(), _Said()
+    pool, said = _pool(), logging.getLogger("askap_flows")
     busy, _ = pool.request(MPISpec(nodes=1, ntasks=4, ntasks_per_node=4))
     wide = MPISpec(nodes=2, ntasks=4, ntasks_per_node=2)
     ticket, nodes = pool.request(wide)
